@@ -1,0 +1,3 @@
+from omnigpt.cli import main
+
+raise SystemExit(main())

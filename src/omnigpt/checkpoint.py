@@ -1,0 +1,155 @@
+"""Saving and loading checkpoints: weights in safetensors, config and tokenizer as files, resume state.
+
+A checkpoint is a folder that stands on its own:
+
+    model.safetensors     weights (the tied LM head is stored once, as the token embedding)
+    config.json           {"model": ModelConfig, "tokenizer_fingerprint": ..., ...}
+    tokenizer.json
+    trainer_state.pt      optimizer, schedule position, RNG and data-loader state (resumable ones only)
+
+A training run keeps two: `RUN/latest` and `RUN/best`. Every write goes to a temporary folder that is
+then swapped in by renames, so a kill mid-save leaves the previous checkpoint loadable.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from omnigpt.config import ModelConfig, load_json, save_json
+from omnigpt.errors import OmnigptError
+from omnigpt.model import GPT
+from omnigpt.tokenizer import Tokenizer
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+TRAINER_STATE = "trainer_state.pt"
+
+
+def _fsync_tree(folder: Path) -> None:
+    for p in folder.iterdir():
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def atomic_write_dir(final: Path, write: Callable[[Path], None]) -> None:
+    """Calls write(tmp_folder), then swaps tmp_folder in for `final` with renames.
+
+    At every instant either `final` or `.final.old` holds a complete checkpoint; `resolve` looks at both.
+    """
+    final = Path(final)
+    tmp = final.with_name(f".{final.name}.tmp")
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    _fsync_tree(tmp)
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def resolve(path: str | Path) -> Path:
+    """The checkpoint folder meant by `path`: a checkpoint itself, or a run folder (best, else latest)."""
+    path = Path(path)
+    for candidate in (path, path / "best", path / "latest"):
+        if (candidate / WEIGHTS).is_file():
+            return candidate
+        old = candidate.with_name(f".{candidate.name}.old")  # a save was interrupted mid-swap
+        if not candidate.exists() and (old / WEIGHTS).is_file():
+            return old
+    if not path.exists():
+        raise OmnigptError(f"{path}: no such checkpoint or run folder")
+    raise OmnigptError(f"{path}: no checkpoint here (expected {WEIGHTS}, or best/ or latest/ inside)")
+
+
+def save_checkpoint(
+    folder: str | Path,
+    model: GPT,
+    tokenizer: Tokenizer,
+    trainer_state: dict[str, Any] | None = None,
+    extra_config: dict[str, Any] | None = None,
+) -> None:
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    config = {
+        "model": model.config.to_dict(),
+        "tokenizer_fingerprint": tokenizer.fingerprint,
+        **(extra_config or {}),
+    }
+
+    def write(tmp: Path) -> None:
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        save_json(tmp / CONFIG, config)
+        tokenizer.save(tmp)
+        if trainer_state is not None:
+            torch.save(trainer_state, tmp / TRAINER_STATE)
+
+    atomic_write_dir(Path(folder), write)
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    return load_json(resolve(path) / CONFIG)
+
+
+def load_checkpoint(
+    path: str | Path, tokenizer_path: str | Path | None = None, device: str | torch.device = "cpu"
+) -> tuple[GPT, Tokenizer]:
+    """The model (in eval mode) and tokenizer of a checkpoint; a different tokenizer is refused."""
+    folder = resolve(path)
+    config = load_json(folder / CONFIG)
+    if "model" not in config:
+        raise OmnigptError(f"{folder / CONFIG}: not an omnigpt checkpoint config (no 'model' entry)")
+    model_cfg = ModelConfig.from_dict(config["model"])
+    tokenizer = Tokenizer.load(tokenizer_path or folder)
+    expected = config.get("tokenizer_fingerprint")
+    if tokenizer_path is not None and expected and tokenizer.fingerprint != expected:
+        raise OmnigptError(f"tokenizer {tokenizer_path} does not match checkpoint {folder} (it was trained with another)")
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise OmnigptError(
+            f"tokenizer has {tokenizer.vocab_size} tokens but checkpoint {folder} has only {model_cfg.vocab_size}"
+        )
+    model = GPT(model_cfg)
+    load_weights(model, folder / WEIGHTS)
+    return model.to(device).eval(), tokenizer
+
+
+def load_weights(model: GPT, weights_path: Path) -> None:
+    try:
+        state = load_file(str(weights_path))
+    except Exception as e:  # safetensors raises its own error type for truncated or corrupt files
+        raise OmnigptError(f"{weights_path}: corrupt or truncated weights file ({e})") from None
+    if model.config.tie_embeddings:
+        state.setdefault("lm_head.weight", state.get("wte.weight"))
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise OmnigptError(
+            f"{weights_path}: weights do not fit the config (missing: {missing[:5]}, unexpected: {unexpected[:5]})"
+        )
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise OmnigptError(
+                f"{weights_path}: {name} has shape {tuple(tensor.shape)}, config expects {tuple(expected[name].shape)}"
+            )
+    model.load_state_dict(state)
+
+
+def load_trainer_state(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / TRAINER_STATE
+    if not path.is_file():
+        raise OmnigptError(f"{folder}: no resumable state ({TRAINER_STATE} missing)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise OmnigptError(f"{path}: corrupt or truncated trainer state ({e})") from None

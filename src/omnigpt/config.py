@@ -1,0 +1,142 @@
+"""Typed configuration: the model's shape, the training run, named presets, JSON round-trip.
+
+    cfg = ModelConfig.from_preset("gpt2", vocab_size=50257)
+    cfg = ModelConfig.from_dict(json.loads(path.read_text()))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from omnigpt.errors import OmnigptError
+
+PosEncoding = Literal["learned", "sinusoidal", "rope"]
+MLPKind = Literal["gelu", "swiglu"]
+NormKind = Literal["layernorm", "rmsnorm"]
+
+
+@dataclass
+class ModelConfig:
+    """The shape of a decoder-only GPT."""
+
+    vocab_size: int = 50304
+    block_size: int = 1024  # longest context, in tokens
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    pos_encoding: PosEncoding = "learned"
+    rope_theta: float = 10000.0
+    mlp: MLPKind = "gelu"
+    d_ff: int | None = None  # hidden width of the MLP; None: 4·n_embd (gelu) or ≈8/3·n_embd (swiglu)
+    norm: NormKind = "layernorm"
+    norm_eps: float = 1e-5
+    bias: bool = True  # biases in Linear layers and LayerNorm, as GPT-2
+    tie_embeddings: bool = True  # LM head shares the token-embedding matrix
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head:
+            raise OmnigptError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.pos_encoding not in ("learned", "sinusoidal", "rope"):
+            raise OmnigptError(f"unknown pos_encoding {self.pos_encoding!r}")
+        if self.mlp not in ("gelu", "swiglu"):
+            raise OmnigptError(f"unknown mlp {self.mlp!r}")
+        if self.norm not in ("layernorm", "rmsnorm"):
+            raise OmnigptError(f"unknown norm {self.norm!r}")
+        if self.pos_encoding == "rope" and self.head_size % 2:
+            raise OmnigptError("rotary embedding needs an even head size")
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def hidden_size(self) -> int:
+        if self.d_ff is not None:
+            return self.d_ff
+        if self.mlp == "swiglu":  # same parameter count as a 4x GELU MLP, rounded up to 64
+            return -(-int(8 * self.n_embd / 3) // 64) * 64
+        return 4 * self.n_embd
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
+        if name not in PRESETS:
+            raise OmnigptError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise OmnigptError(f"unknown model config keys: {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+
+# Tiny presets train on a laptop CPU in minutes; the gpt2* presets are GPT-2's published shapes.
+PRESETS: dict[str, dict[str, Any]] = {
+    "nano": dict(n_layer=2, n_head=2, n_embd=64, block_size=128),
+    "micro": dict(n_layer=4, n_head=4, n_embd=128, block_size=256),
+    "mini": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),
+    "small": dict(n_layer=8, n_head=8, n_embd=512, block_size=512),
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, block_size=1024),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, block_size=1024),
+}
+
+
+@dataclass
+class TrainConfig:
+    """How a run trains. Budgets: stop at `max_steps`, or after `max_seconds`, whichever is first."""
+
+    batch_size: int = 16  # sequences per micro-batch on each process
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: int = 1000
+    max_seconds: float | None = None
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    lr: float = 1e-3  # peak learning rate (AdamW, and Muon's non-matrix parameters)
+    muon_lr: float = 0.02  # peak learning rate of Muon's matrix parameters
+    min_lr_ratio: float = 0.1  # cosine decays to lr·min_lr_ratio
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    eval_interval: int = 200  # steps between evaluations (and checkpoints)
+    eval_batches: int = 20  # val batches per evaluation; 0 = the whole val split
+    log_interval: int = 10
+    seed: int = 1337
+    compile: bool = False
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    early_stop_patience: int = 0  # stop after this many evaluations without improvement; 0 = never
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def save_json(path: Path, obj: dict[str, Any]) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def load_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise OmnigptError(f"{path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise OmnigptError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+

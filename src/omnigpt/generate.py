@@ -1,0 +1,237 @@
+"""Text generation: sampling as pure functions, and a batched prefill + decode engine on the KV cache.
+
+    opts = GenerationOptions(max_new_tokens=100, temperature=0.8, top_k=50)
+    texts = generate_text(model, tokenizer, ["def ", "class "], opts)
+
+Prompts of different lengths are left-padded into one batch: each sequence gets its own positions
+and an attention mask that hides its padding, so every prompt decodes exactly as it would alone.
+The model is run once over all prompts (prefill), then one token at a time for the whole batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from omnigpt.errors import OmnigptError
+from omnigpt.model import GPT
+from omnigpt.tokenizer import StreamDecoder, Tokenizer
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    max_new_tokens: int = 128
+    temperature: float = 1.0  # 0 means greedy
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or output
+    stop_at_eot: bool = True
+    stop_strings: tuple[str, ...] = ()
+    num_samples: int = 1  # completions per prompt
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise OmnigptError("max_new_tokens must be at least 1")
+        if self.temperature < 0:
+            raise OmnigptError("temperature must be >= 0")
+        if self.top_k is not None and self.top_k < 1:
+            raise OmnigptError("top_k must be at least 1")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise OmnigptError("top_p must be in (0, 1]")
+        if self.repetition_penalty <= 0:
+            raise OmnigptError("repetition_penalty must be > 0")
+        if self.num_samples < 1:
+            raise OmnigptError("num_samples must be at least 1")
+
+
+# -- sampling: pure functions of logits ----------------------------------------------------------
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL-style penalty: logits (B, V) of tokens marked in `seen` (B, V, bool) are divided by
+    `penalty` when positive and multiplied by it when negative."""
+    if penalty == 1.0:
+        return logits
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keeps the k largest logits of each row (B, V); the rest become -inf."""
+    k = min(k, logits.size(-1))
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filtering: keeps the smallest set of top tokens whose probability sum reaches p."""
+    sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+    cumulative = sorted_logits.softmax(-1).cumsum(-1)
+    drop_sorted = cumulative - sorted_logits.softmax(-1) >= p  # mass before this token already ≥ p
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_next(
+    logits: torch.Tensor, opts: GenerationOptions, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Picks the next token (B,) from last-position logits (B, V) after penalty-free filtering."""
+    if opts.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / opts.temperature
+    if opts.top_k is not None:
+        logits = top_k_filter(logits, opts.top_k)
+    if opts.top_p is not None and opts.top_p < 1.0:
+        logits = top_p_filter(logits, opts.top_p)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# -- the engine ----------------------------------------------------------------------------------
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids (B, T) with prompts right-aligned, and the number of pad tokens before each (B,)."""
+    T = max(len(p) for p in prompts)
+    tokens = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    pads = torch.tensor([T - len(p) for p in prompts])
+    for row, p in enumerate(prompts):
+        tokens[row, T - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+    return tokens, pads
+
+
+@torch.inference_mode()
+def generate_tokens(
+    model: GPT,
+    prompts: Sequence[Sequence[int]],
+    opts: GenerationOptions,
+    eot_id: int | None = None,
+    vocab_limit: int | None = None,
+    on_step: Callable[[list[int]], Sequence[bool] | None] | None = None,
+) -> list[list[int]]:
+    """New tokens for each prompt (EOT excluded), decoded together on the KV cache.
+
+    `vocab_limit` restricts sampling to the tokenizer's ids (the embedding may be padded larger).
+    `on_step(new_ids)` is called after every step with one id per sequence; it may return, per
+    sequence, whether to stop it now (stop strings are implemented that way).
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise OmnigptError("every prompt needs at least one token")
+    block_size = model.config.block_size
+    longest = max(len(p) for p in prompts)
+    if longest > block_size:
+        raise OmnigptError(f"prompt of {longest} tokens is longer than the model's context of {block_size}")
+    max_new = min(opts.max_new_tokens, block_size - longest)
+    device = model.wte.weight.device
+    generator = None
+    if opts.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(opts.seed)
+
+    tokens, pads = left_pad(prompts)
+    tokens, pads = tokens.to(device), pads.to(device)
+    B, T = tokens.shape
+    total = T + max_new
+    caches = model.make_caches(B, total)
+    padded = bool(pads.any())
+    if padded:  # per-sequence positions and a mask that hides each sequence's padding
+        key_valid = torch.arange(total, device=device)[None] >= pads[:, None]  # (B, total)
+        causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+        mask = causal[None, None] & key_valid[:, None, None, :T]  # (B, 1, T, T)
+        mask |= torch.eye(T, dtype=torch.bool, device=device)  # pad rows attend to themselves: no NaN
+        positions = (torch.arange(T, device=device)[None] - pads[:, None]).clamp(min=0)
+        logits, _ = model(tokens, positions=positions, attn_mask=mask, caches=caches, last_only=True)
+    else:
+        logits, _ = model(tokens, caches=caches, last_only=True)
+
+    vocab = vocab_limit or logits.size(-1)
+    seen = None
+    if opts.repetition_penalty != 1.0:
+        seen = torch.zeros(B, vocab, dtype=torch.bool, device=device)
+        for row in range(B):  # the prompt's own tokens, not its padding
+            seen[row, tokens[row, int(pads[row]) :].clamp(max=vocab - 1)] = True
+    out = torch.empty(B, max_new, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    lengths = [max_new] * B
+    for step in range(max_new):
+        next_logits = logits[:, -1, :vocab].float()
+        if seen is not None:
+            next_logits = apply_repetition_penalty(next_logits, seen, opts.repetition_penalty)
+        next_ids = sample_next(next_logits, opts, generator)
+        out[:, step] = next_ids
+        if seen is not None:
+            seen[torch.arange(B, device=device), next_ids] = True
+        ids = next_ids.tolist()
+        stop_now = [False] * B
+        if opts.stop_at_eot and eot_id is not None:
+            stop_now = [i == eot_id for i in ids]
+        if on_step is not None:
+            extra = on_step(ids)
+            if extra is not None:
+                stop_now = [a or b for a, b in zip(stop_now, extra, strict=True)]
+        for row, stop in enumerate(stop_now):
+            if stop and not done[row]:
+                done[row] = True
+                lengths[row] = step + (0 if ids[row] == eot_id and opts.stop_at_eot else 1)
+        if bool(done.all()) or step == max_new - 1:
+            break
+        pos = T + step  # cache index of the token being fed
+        if padded:
+            logits, _ = model(next_ids[:, None], positions=(pos - pads)[:, None],
+                              attn_mask=key_valid[:, None, None, : pos + 1], caches=caches, start_pos=pos)
+        else:
+            logits, _ = model(next_ids[:, None], caches=caches, start_pos=pos)
+    out = out.tolist()
+    return [row[:n] for row, n in zip(out, lengths, strict=True)]
+
+
+def generate_text(
+    model: GPT,
+    tokenizer: Tokenizer,
+    prompts: Sequence[str],
+    opts: GenerationOptions,
+    on_text: Callable[[int, str], None] | None = None,
+) -> list[str]:
+    """Completions for each prompt (`num_samples` each, prompt-major order), streamed piece by piece
+    to `on_text(sequence_index, text)`; stop strings end a completion and are cut from it."""
+    ids = [tokenizer.encode(p) for p in prompts for _ in range(opts.num_samples)]
+    if any(len(i) == 0 for i in ids):
+        raise OmnigptError("empty prompt: give at least one character")
+    streams: list[StreamDecoder] = [tokenizer.stream() for _ in ids]
+    texts = [""] * len(ids)
+    finished = [False] * len(ids)
+    eot = tokenizer.eot_id
+
+    def on_step(new_ids: list[int]) -> list[bool]:
+        stop = [False] * len(new_ids)
+        for row, token in enumerate(new_ids):
+            if finished[row] or (opts.stop_at_eot and token == eot):
+                finished[row] = True
+                continue
+            piece = streams[row].push(token)
+            if not piece:
+                continue
+            before = len(texts[row])
+            texts[row] += piece
+            cut = _first_stop(texts[row], opts.stop_strings, max(0, before - _longest(opts.stop_strings)))
+            if cut is not None:
+                piece = texts[row][before:cut] if cut > before else ""
+                texts[row] = texts[row][:cut]
+                stop[row] = finished[row] = True
+            if piece and on_text is not None:
+                on_text(row, piece)
+        return stop
+
+    generate_tokens(model, ids, opts, eot, tokenizer.vocab_size, on_step)
+    return texts
+
+
+def _longest(strings: Sequence[str]) -> int:
+    return max((len(s) for s in strings), default=0)
+
+
+def _first_stop(text: str, stop_strings: Sequence[str], start: int) -> int | None:
+    hits = [i for s in stop_strings if s and (i := text.find(s, start)) >= 0]
+    return min(hits) if hits else None

@@ -1,0 +1,178 @@
+"""Tokenizers on Hugging Face `tokenizers`: byte-level BPE, character-level, and loading existing files.
+
+    tok = Tokenizer.train_bpe(texts, vocab_size=4096)   # or Tokenizer.train_char(texts)
+    ids = tok.encode("def main():")
+    tok.save(run_dir)                                  # writes run_dir/tokenizer.json
+    tok = Tokenizer.load(run_dir)                      # tokenizer.json, or GPT-2 vocab.json + merges.txt
+
+Every tokenizer omnigpt trains reserves the same special tokens at ids 0..15, so adding images, audio
+or chat later never shifts an id a checkpoint was trained with. Character-level tokenizers fall back
+to UTF-8 byte tokens for characters they never saw, so any Unicode text round-trips.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as HFTokenizer
+
+from omnigpt.errors import OmnigptError
+
+EOT = "<|endoftext|>"
+PAD = "<|pad|>"
+IMAGE = "<|image|>"
+AUDIO = "<|audio|>"
+SYSTEM = "<|system|>"
+USER = "<|user|>"
+ASSISTANT = "<|assistant|>"
+END_OF_TURN = "<|end|>"
+N_RESERVED = 8
+SPECIAL_TOKENS = [EOT, PAD, IMAGE, AUDIO, SYSTEM, USER, ASSISTANT, END_OF_TURN] + [
+    f"<|reserved_{i}|>" for i in range(N_RESERVED)
+]
+TOKENIZER_FILE = "tokenizer.json"
+
+
+class Tokenizer:
+    """A thin wrapper over `tokenizers.Tokenizer` with omnigpt's special tokens and file layout."""
+
+    def __init__(self, hf: HFTokenizer, kind: str = "bpe"):
+        self.hf = hf
+        self.kind = kind  # "bpe" | "char" | "gpt2" | "file": how it was made, for messages only
+
+    # -- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def train_bpe(cls, texts: Iterable[str], vocab_size: int = 4096) -> Tokenizer:
+        """Byte-level BPE (as GPT-2) trained on `texts`; any byte sequence is encodable."""
+        min_size = len(SPECIAL_TOKENS) + 256
+        if vocab_size < min_size:
+            raise OmnigptError(f"BPE vocab_size must be at least {min_size}, got {vocab_size}")
+        hf = HFTokenizer(models.BPE())
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        hf.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=SPECIAL_TOKENS,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        hf.train_from_iterator(texts, trainer=trainer)
+        return cls(hf, "bpe")
+
+    @classmethod
+    def train_char(cls, texts: Iterable[str]) -> Tokenizer:
+        """One token per character seen in `texts`, plus 256 byte tokens for anything unseen."""
+        chars: set[str] = set()
+        for t in texts:
+            chars.update(t)
+        vocab: dict[str, int] = {}
+        for tok in SPECIAL_TOKENS + [f"<0x{b:02X}>" for b in range(256)] + sorted(chars):
+            vocab.setdefault(tok, len(vocab))
+        hf = HFTokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True))
+        hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+        hf.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+        hf.add_special_tokens(SPECIAL_TOKENS)
+        return cls(hf, "char")
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Tokenizer:
+        try:
+            return cls(HFTokenizer.from_file(str(path)), "file")
+        except Exception as e:  # tokenizers raises plain Exception with a Rust message
+            if not Path(path).exists():
+                raise OmnigptError(f"{path}: tokenizer file not found") from None
+            raise OmnigptError(f"{path}: not a valid tokenizer.json ({e})") from None
+
+    @classmethod
+    def from_gpt2_files(cls, vocab_json: str | Path, merges_txt: str | Path) -> Tokenizer:
+        """GPT-2's original `vocab.json` + `merges.txt`."""
+        try:
+            hf = HFTokenizer(models.BPE.from_file(str(vocab_json), str(merges_txt)))
+        except Exception as e:
+            raise OmnigptError(f"{vocab_json}: cannot read GPT-2 vocab/merges ({e})") from None
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        hf.decoder = decoders.ByteLevel()
+        if hf.token_to_id(EOT) is not None:
+            hf.add_special_tokens([EOT])
+        return cls(hf, "gpt2")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        """A `tokenizer.json` file, or a folder holding one (or GPT-2's vocab.json + merges.txt)."""
+        path = Path(path)
+        if path.is_dir():
+            if (path / TOKENIZER_FILE).is_file():
+                return cls.from_file(path / TOKENIZER_FILE)
+            if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+                return cls.from_gpt2_files(path / "vocab.json", path / "merges.txt")
+            raise OmnigptError(f"{path}: no tokenizer.json (nor vocab.json + merges.txt) in folder")
+        return cls.from_file(path)
+
+    def save(self, folder: str | Path) -> Path:
+        path = Path(folder) / TOKENIZER_FILE
+        self.hf.save(str(path))
+        return path
+
+    # -- use ------------------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    def token_id(self, token: str) -> int | None:
+        return self.hf.token_to_id(token)
+
+    @property
+    def eot_id(self) -> int | None:
+        return self.token_id(EOT)
+
+    @property
+    def fingerprint(self) -> str:
+        """A short hash of the full tokenizer definition; checkpoints record it to catch mismatches."""
+        return hashlib.sha256(self.hf.to_str().encode()).hexdigest()[:16]
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Encodes in parallel on all cores (the Rust side uses a thread pool)."""
+        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special)
+
+    def stream(self) -> StreamDecoder:
+        return StreamDecoder(self)
+
+
+class StreamDecoder:
+    """Turns a stream of token ids into text pieces, holding back incomplete UTF-8 characters.
+
+    Only a short tail of ids is decoded per token, so streaming stays linear in the output length.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix_offset = 0  # ids[prefix_offset:read_offset] were already printed
+        self.read_offset = 0
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        decode = self.tokenizer.decode
+        prefix = decode(self.ids[self.prefix_offset : self.read_offset])
+        full = decode(self.ids[self.prefix_offset :])
+        if full.endswith("\ufffd"):  # a multi-byte character is not complete yet
+            return ""
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return full[len(prefix) :]
+
+
+def iter_texts_in_chunks(text: str, chunk_chars: int = 1 << 20) -> Iterator[str]:
+    """Splits a long text for BPE training, which counts words per chunk."""
+    for i in range(0, len(text), chunk_chars):
+        yield text[i : i + chunk_chars]

@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny corpora, tokenizers and models built in-process (no downloads, no ../shared)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from omnigpt.config import ModelConfig
+from omnigpt.model import GPT
+from omnigpt.tokenizer import Tokenizer
+
+CORPUS = (
+    "def add(a, b):\n    return a + b\n\n"
+    "def sub(a, b):\n    return a - b\n\n"
+    "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n\n"
+) * 20
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def char_tokenizer() -> Tokenizer:
+    return Tokenizer.train_char([CORPUS])
+
+
+def tiny_model(vocab_size: int = 64, **overrides) -> GPT:
+    cfg = ModelConfig(**{**dict(vocab_size=vocab_size, block_size=64, n_layer=2, n_head=2, n_embd=32), **overrides})
+    return GPT(cfg).eval()
+
+
+@pytest.fixture
+def corpus_file(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(CORPUS)
+    return path
