@@ -55,7 +55,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per micro-batch per process")
     g.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
-    g.add_argument("--max-steps", type=int, default=d.max_steps, help="stop after this many optimizer steps")
+    g.add_argument("--max-steps", type=int, help=f"stop after this many optimizer steps (default {d.max_steps})")
     g.add_argument("--max-seconds", type=float, help="stop after this much training time (the LR schedule fits it)")
     g.add_argument("--optimizer", choices=["adamw", "muon"], default=d.optimizer,
                    help="adamw, or muon (Muon for weight matrices, AdamW for the rest)")
@@ -67,6 +67,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--grad-clip", type=float, default=d.grad_clip, help="clip gradient norm (0: off)")
     g.add_argument("--eval-interval", type=int, default=d.eval_interval, help="steps between evaluations and checkpoints")
     g.add_argument("--eval-batches", type=int, default=d.eval_batches, help="val batches per evaluation (0: all)")
+    g.add_argument("--log-interval", type=int, default=d.log_interval, help="steps between metrics.jsonl records")
     g.add_argument("--early-stop-patience", type=int, default=0, help="stop after N evaluations without improvement (0: never)")
     g.add_argument("--seed", type=int, default=d.seed, help="random seed (data order, initialisation)")
     g.add_argument("--compile", action="store_true", help="compile the model with torch.compile")
@@ -127,28 +128,33 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from omnigpt.train import pretrain
 
-    data = Path(args.data) if args.data else _builtin_data()
-    if not args.resume and not (data / "train.bin").is_file():
-        raise OmnigptError(f"{data}: not a prepared data folder (run `omnigpt prepare ... --out {data}`)")
-    out = Path(args.out) if args.out else Path("runs") / time.strftime("run-%Y%m%d-%H%M%S")
     if args.resume and not args.out:
         raise OmnigptError("--resume needs --out RUN_FOLDER")
+    out = Path(args.out) if args.out else Path("runs") / time.strftime("run-%Y%m%d-%H%M%S")
+    if args.resume:
+        data = Path(args.data or "")  # the run folder's config names its data
+    else:
+        data = Path(args.data) if args.data else _builtin_data()
+        if not (data / "train.bin").is_file():
+            raise OmnigptError(f"{data}: not a prepared data folder (run `omnigpt prepare ... --out {data}`)")
     overrides = {k: getattr(args, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "pos_encoding",
                                                "mlp", "norm", "dropout") if getattr(args, k) is not None}
     if args.untie:
         overrides["tie_embeddings"] = False
     model_cfg = ModelConfig.from_preset(args.preset, **overrides)
     train_cfg = TrainConfig(
-        batch_size=args.batch_size, grad_accum=args.grad_accum, max_steps=args.max_steps,
+        batch_size=args.batch_size, grad_accum=args.grad_accum, max_steps=args.max_steps or TrainConfig.max_steps,
         max_seconds=args.max_seconds, optimizer=args.optimizer, lr=args.lr, muon_lr=args.muon_lr,
         min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
         grad_clip=args.grad_clip, eval_interval=args.eval_interval, eval_batches=args.eval_batches,
+        log_interval=args.log_interval,
         seed=args.seed, compile=args.compile, device=args.device, early_stop_patience=args.early_stop_patience,
     )
     # SIGTERM (a cluster pre-empting the job) saves and stops like Ctrl-C.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    budgets = {k: getattr(args, k) for k in ("max_steps", "max_seconds") if getattr(args, k) is not None}
     result = pretrain(data, out, model_cfg, train_cfg, resume=args.resume, init_from=args.init_from,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, resume_overrides=budgets)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"done: {result}")
         print(f"run folder: {out}  (checkpoints: {out}/best, {out}/latest; loss curve: {out}/loss.png; "

@@ -279,10 +279,11 @@ def fit(
             step += 1
             tokens_seen += tokens_per_step
             window_tokens += tokens_per_step
-            local_tokens = n_tokens.item() / dist_info.world_size
-            train_loss = loss_sum / max(local_tokens, 1)
-
             if step % cfg.log_interval == 0 or step == 1:
+                summed = torch.tensor(loss_sum, dtype=torch.float64, device=device)
+                if dist_info.world_size > 1:  # the loss over the global batch, as one process would see it
+                    dist.all_reduce(summed)
+                train_loss = summed.item() / max(n_tokens.item(), 1)
                 now = time.time()
                 tps = window_tokens / max(now - window_t, 1e-9)
                 window_t, window_tokens = now, 0
@@ -375,23 +376,23 @@ def pretrain(
     resume: bool = False,
     init_from: str | Path | None = None,
     progress: bool = True,
+    resume_overrides: dict[str, Any] | None = None,
 ) -> RunResult:
     """Next-token pretraining on a folder made by `omnigpt prepare`, into run folder `out_dir`.
 
-    With `resume`, the model and training settings come from the run folder; `train_cfg` then only
-    extends budgets (`max_steps`, `max_seconds`).
+    With `resume`, the model and training settings come from the run folder, except the entries of
+    `resume_overrides` (typically larger budgets: `max_steps`, `max_seconds`); `train_cfg` is unused.
     """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
-    dist_info = setup_distributed(train_cfg.device)
     if resume:
         if not (out_dir / "latest").is_dir():
             raise OmnigptError(f"{out_dir}: nothing to resume (no latest/ checkpoint)")
         saved = load_json(out_dir / "config.json")
-        budgets = {"max_steps": train_cfg.max_steps, "max_seconds": train_cfg.max_seconds}
-        train_cfg = TrainConfig.from_dict({**saved["train"], **budgets})
+        train_cfg = TrainConfig.from_dict({**saved["train"], **(resume_overrides or {})})
         model, tokenizer = load_checkpoint(out_dir / "latest")
         data_dir = Path(saved.get("data", data_dir))
-    else:
+    dist_info = setup_distributed(train_cfg.device)
+    if not resume:
         if (out_dir / "latest").exists() or (out_dir / "best").exists():
             raise OmnigptError(f"{out_dir} already holds a run; pass --resume to continue it, or choose another --out")
         tokenizer = Tokenizer.load(data_dir)
@@ -402,6 +403,7 @@ def pretrain(
         else:
             assert model_cfg is not None
             model_cfg.vocab_size = padded_vocab(tokenizer.vocab_size)
+            torch.manual_seed(train_cfg.seed)  # the same initial weights on every process
             model = GPT(model_cfg)
     meta = load_json(data_dir / "meta.json") if (data_dir / "meta.json").exists() else {}
     if meta.get("tokenizer_fingerprint") not in (None, tokenizer.fingerprint):
