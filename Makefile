@@ -19,8 +19,11 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# Trains on the built-in corpus (the Python standard library) for three minutes, then writes code.
 demo: install
-	$(VENV)/bin/omnigpt demo
+	rm -rf runs/demo
+	$(VENV)/bin/omnigpt train --out runs/demo --preset micro --optimizer muon --max-seconds 180 --eval-interval 200
+	$(VENV)/bin/omnigpt generate --model runs/demo --max-new-tokens 300 --temperature 0.7 --top-k 40 --seed 0 "def "
 
 test: install
 	$(PY) -m pytest -q -m "not slow"

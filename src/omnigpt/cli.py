@@ -71,6 +71,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--early-stop-patience", type=int, default=0, help="stop after N evaluations without improvement (0: never)")
     g.add_argument("--seed", type=int, default=d.seed, help="random seed (data order, initialisation)")
     g.add_argument("--compile", action="store_true", help="compile the model with torch.compile")
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="auto: bf16 autocast on GPU, fp32 on CPU; bf16 also speeds up CPUs with AMX")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -148,7 +150,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
         grad_clip=args.grad_clip, eval_interval=args.eval_interval, eval_batches=args.eval_batches,
         log_interval=args.log_interval,
-        seed=args.seed, compile=args.compile, device=args.device, early_stop_patience=args.early_stop_patience,
+        seed=args.seed, compile=args.compile, precision=args.precision, device=args.device, early_stop_patience=args.early_stop_patience,
     )
     # SIGTERM (a cluster pre-empting the job) saves and stops like Ctrl-C.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
