@@ -13,7 +13,7 @@ to UTF-8 byte tokens for characters they never saw, so any Unicode text round-tr
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
@@ -171,8 +171,3 @@ class StreamDecoder:
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         return full[len(prefix) :]
 
-
-def iter_texts_in_chunks(text: str, chunk_chars: int = 1 << 20) -> Iterator[str]:
-    """Splits a long text for BPE training, which counts words per chunk."""
-    for i in range(0, len(text), chunk_chars):
-        yield text[i : i + chunk_chars]

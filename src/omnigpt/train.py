@@ -217,15 +217,16 @@ def fit(
         )
         return evaluate_loss(model, batches, device, dist_info, cfg.precision)
 
-    def save(folder: str, loader_state: dict) -> None:
+    def save(folder: str, loader_state: dict | None = None, rng_state: torch.Tensor | None = None) -> None:
+        """Writes best/ (weights) or latest/ (weights and everything needed to resume)."""
         if not dist_info.is_main:
             return
         trainer_state = None
         if folder == "latest":
             trainer_state = {
                 "optimizers": [opt.state_dict() for opt in optimizers],
-                "loader": loader_state,
-                "torch_rng": torch.get_rng_state(),
+                "loader": loader_state if loader_state is not None else train_batches.state_dict(),
+                "torch_rng": rng_state if rng_state is not None else torch.get_rng_state(),
                 "step": step, "tokens": tokens_seen, "elapsed": elapsed_before + (time.time() - t0),
                 "best_val": best_val, "bad_evals": bad_evals,
             }
@@ -238,7 +239,7 @@ def fit(
     bar = tqdm(total=cfg.max_steps, initial=step, unit="step", disable=not (progress and dist_info.is_main),
                dynamic_ncols=True)
     model.train()
-    loader_state = train_batches.state_dict()
+    loader_state, rng_state = train_batches.state_dict(), torch.get_rng_state()
     try:
         while step < cfg.max_steps:
             elapsed = elapsed_before + time.time() - t0
@@ -255,12 +256,12 @@ def fit(
 
             # Normalise by the tokens of the whole step (all micro-batches, all processes), so that
             # accumulation and DDP give the same gradient as one big batch.
-            loader_state = train_batches.state_dict()
+            loader_state, rng_state = train_batches.state_dict(), torch.get_rng_state()  # for Ctrl-C
             micro = [train_batches.next_batch() for _ in range(cfg.grad_accum)]
             n_tokens = torch.tensor(float(sum((y != IGNORE_INDEX).sum() for _, y in micro)), device=device)
             if dist_info.world_size > 1:
                 dist.all_reduce(n_tokens)
-            loss_sum = 0.0
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # read only when logging (no GPU sync)
             for i, (x, y) in enumerate(micro):
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 sync = i == len(micro) - 1 or dist_info.world_size == 1
@@ -269,10 +270,10 @@ def fit(
                     n = (y != IGNORE_INDEX).sum()
                     scaled = loss * n * dist_info.world_size / n_tokens  # DDP averages over processes
                 scaled.backward()
-                loss_sum += loss.item() * n.item()
+                loss_sum += loss.detach().double() * n
             grad_norm = None
             if cfg.grad_clip > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             for opt in optimizers:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -280,14 +281,13 @@ def fit(
             tokens_seen += tokens_per_step
             window_tokens += tokens_per_step
             if step % cfg.log_interval == 0 or step == 1:
-                summed = torch.tensor(loss_sum, dtype=torch.float64, device=device)
                 if dist_info.world_size > 1:  # the loss over the global batch, as one process would see it
-                    dist.all_reduce(summed)
-                train_loss = summed.item() / max(n_tokens.item(), 1)
+                    dist.all_reduce(loss_sum)
+                train_loss = loss_sum.item() / max(n_tokens.item(), 1)
                 now = time.time()
                 tps = window_tokens / max(now - window_t, 1e-9)
                 window_t, window_tokens = now, 0
-                log({"step": step, "loss": round(train_loss, 5), "lr": factor * cfg.lr, "grad_norm": grad_norm,
+                log({"step": step, "loss": round(train_loss, 5), "lr": factor * cfg.lr, "grad_norm": None if grad_norm is None else round(grad_norm.item(), 4),
                      "tokens": tokens_seen, "tokens_per_s": round(tps), "elapsed": round(elapsed_before + now - t0, 2)})
                 bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
                 if cfg.max_seconds:
@@ -301,18 +301,17 @@ def fit(
                 log({"step": step, "val_loss": round(val_loss, 5), "val_ppl": round(math.exp(val_loss), 3)})
                 if dist_info.is_main:
                     bar.write(f"step {step}: val loss {val_loss:.4f} (perplexity {math.exp(val_loss):.2f})")
-                save("latest", train_batches.state_dict())
+                save("latest")
                 if improved:
-                    save("best", {})
+                    save("best")
                 window_t, window_tokens = time.time(), 0  # tokens/s measures training only
                 if cfg.early_stop_patience and bad_evals >= cfg.early_stop_patience:
                     stopped_by = "early_stopping"
                     break
     except KeyboardInterrupt:
-        # Save the state as of the last completed step (the loader rewound to that step's start).
-        stopped_by = "interrupt"
+        # Save the state as of the last completed step: loader and RNG rewound to the interrupted step's start.
         bar.close()
-        save("latest", loader_state)
+        save("latest", loader_state, rng_state)
         if log_file is not None:
             log_file.close()
         raise
@@ -322,8 +321,8 @@ def fit(
     val_loss = run_eval()
     if val_loss < best_val:
         best_val = val_loss
-        save("best", {})
-    save("latest", train_batches.state_dict())
+        save("best")
+    save("latest")
     log({"step": step, "val_loss": round(val_loss, 5), "val_ppl": round(math.exp(val_loss), 3), "final": True})
     result = RunResult(str(run_dir), step, tokens_seen, seconds, val_loss, best_val, stopped_by)
     if dist_info.is_main:
