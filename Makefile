@@ -19,10 +19,14 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# bf16 autocast is about 1.6x faster for training on CPUs with AMX; elsewhere fp32 is the faster choice.
+PRECISION := $(shell grep -qs amx_bf16 /proc/cpuinfo && echo bf16 || echo auto)
+
 # Trains on the built-in corpus (the Python standard library) for three minutes, then writes code.
 demo: install
 	rm -rf runs/demo
-	$(VENV)/bin/omnigpt train --out runs/demo --preset micro --optimizer muon --max-seconds 180 --eval-interval 200
+	$(VENV)/bin/omnigpt train --out runs/demo --preset micro --optimizer muon --precision $(PRECISION) \
+		--max-seconds 180 --eval-interval 200
 	$(VENV)/bin/omnigpt generate --model runs/demo --max-new-tokens 300 --temperature 0.7 --top-k 40 --seed 0 "def "
 
 test: install

@@ -36,9 +36,13 @@ ENCODE_BATCH_DOCS = 256  # documents per encode_batch call (the Rust side spread
 
 
 def stdlib_corpus() -> list[Path]:
-    """The built-in corpus: the Python standard library sources of the running interpreter (no tests)."""
+    """The built-in corpus: the Python standard library sources of the running interpreter.
+
+    Tests are left out, and so are the codec tables in `encodings/` and the docs string in
+    `pydoc_data/`: data, not code, and repetitive enough to dominate what a small model learns.
+    """
     root = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+    skip = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "encodings", "pydoc_data"}
     files = [p for p in sorted(root.rglob("*.py")) if not skip.intersection(p.relative_to(root).parts)]
     if not files:
         raise OmnigptError(f"no Python sources found under {root} for the built-in corpus")
