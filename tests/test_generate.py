@@ -130,3 +130,31 @@ def test_bad_options_are_clear():
         GenerationOptions(top_p=1.5)
     with pytest.raises(OmnigptError, match="temperature"):
         GenerationOptions(temperature=-1)
+
+
+def test_first_token_restriction():
+    model = tiny_model()
+    out = generate_tokens(model, [[1, 2], [3, 4]], GREEDY, first_allowed=[[7, 9], None])
+    assert out[0][0] in (7, 9)
+    assert out[1] == generate_tokens(model, [[3, 4]], GREEDY)[0]
+
+
+def test_generate_text_with_token_healing(monkeypatch):
+    from omnigpt import generate as gen
+    from omnigpt.tokenizer import Tokenizer
+    from tests.conftest import CORPUS
+
+    tok = Tokenizer.train_bpe([CORPUS], vocab_size=400)
+    model = tiny_model(vocab_size=400)
+    engine, generated = gen.generate_tokens, []
+
+    def recording_engine(*args, **kwargs):
+        generated.extend(engine(*args, **kwargs)[0])
+        return [generated]
+
+    monkeypatch.setattr(gen, "generate_tokens", recording_engine)
+    opts = GenerationOptions(max_new_tokens=5, temperature=1.0, seed=0, stop_at_eot=False)
+    text = generate_text(model, tok, ["def "], opts)[0]
+    # the model continued from "def", its first token re-creating the space; the text excludes it
+    assert tok.token_texts()[generated[0]].startswith(" ")
+    assert "def " + text == "def" + tok.decode(generated)

@@ -75,3 +75,27 @@ def test_stream_decoder_holds_back_partial_characters(char_tokenizer):
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)
     assert pieces.count("") >= 3  # byte tokens of multi-byte characters wait for the last byte
+
+
+def test_token_healing_backs_up_a_trailing_space():
+    tok = Tokenizer.train_bpe([CORPUS], vocab_size=400)
+    ids = tok.encode("def ")
+    healed, allowed = tok.heal(ids)
+    texts = tok.token_texts()
+    assert tok.decode(healed) == "def"
+    assert allowed and all(texts[i].startswith(" ") for i in allowed)
+    assert tok.token_id("Ġadd") in allowed or any(texts[i] == " add" for i in allowed)
+
+
+def test_token_healing_leaves_complete_tokens_alone(char_tokenizer):
+    ids = char_tokenizer.encode("def ")
+    assert char_tokenizer.heal(ids) == (ids, None)  # no longer token starts with " "
+    assert char_tokenizer.heal(ids[:1]) == (ids[:1], None)
+
+
+def test_stream_decoder_flush_emits_an_unfinished_character(char_tokenizer):
+    stream = char_tokenizer.stream()
+    partial = char_tokenizer.encode("a世")[:-1]  # "a" and the first two of 世's three bytes
+    assert "".join(stream.push(i) for i in partial) == "a"
+    assert stream.flush() == "\ufffd"
+    assert stream.flush() == ""

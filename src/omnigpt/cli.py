@@ -90,6 +90,8 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop a completion at this string (repeatable)")
     p.add_argument("--no-eot-stop", action="store_true", help="keep generating past the end-of-text token")
     p.add_argument("--num-samples", type=int, default=1, help="completions per prompt")
+    p.add_argument("--no-token-healing", action="store_true",
+                   help="keep the prompt's last token as typed (by default it is re-chosen, so 'def ' works)")
     p.add_argument("--seed", type=int, help="random seed for sampling")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
 
@@ -194,6 +196,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         repetition_penalty=args.repetition_penalty, stop_at_eot=not args.no_eot_stop,
         stop_strings=tuple(args.stop), num_samples=args.num_samples, seed=args.seed,
+        token_healing=not args.no_token_healing,
     )
     model, tokenizer = load_checkpoint(args.model, args.tokenizer, pick_device(args.device))
     streaming = len(prompts) * opts.num_samples == 1

@@ -31,6 +31,7 @@ class GenerationOptions:
     stop_strings: tuple[str, ...] = ()
     num_samples: int = 1  # completions per prompt
     seed: int | None = None
+    token_healing: bool = True  # re-choose the prompt's last token (see Tokenizer.heal)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -111,10 +112,12 @@ def generate_tokens(
     eot_id: int | None = None,
     vocab_limit: int | None = None,
     on_step: Callable[[list[int]], Sequence[bool] | None] | None = None,
+    first_allowed: Sequence[Sequence[int] | None] | None = None,
 ) -> list[list[int]]:
     """New tokens for each prompt (EOT excluded), decoded together on the KV cache.
 
     `vocab_limit` restricts sampling to the tokenizer's ids (the embedding may be padded larger).
+    `first_allowed`, per prompt, restricts the first new token to those ids (None: no restriction).
     `on_step(new_ids)` is called after every step with one id per sequence; it may return, per
     sequence, whether to stop it now (stop strings are implemented that way).
     """
@@ -157,6 +160,14 @@ def generate_tokens(
     lengths = [max_new] * B
     for step in range(max_new):
         next_logits = logits[:, -1, :vocab].float()
+        if step == 0 and first_allowed is not None:
+            keep = torch.zeros_like(next_logits, dtype=torch.bool)
+            for row, allowed in enumerate(first_allowed):
+                if allowed is None:
+                    keep[row] = True
+                else:
+                    keep[row, torch.tensor(allowed, dtype=torch.long, device=device)] = True
+            next_logits = next_logits.masked_fill(~keep, float("-inf"))
         if seen is not None:
             next_logits = apply_repetition_penalty(next_logits, seen, opts.repetition_penalty)
         next_ids = sample_next(next_logits, opts, generator)
@@ -199,10 +210,36 @@ def generate_text(
     ids = [tokenizer.encode(p) for p in prompts for _ in range(opts.num_samples)]
     if any(len(i) == 0 for i in ids):
         raise OmnigptError("empty prompt: give at least one character")
+    first_allowed: list[list[int] | None] = [None] * len(ids)
+    # characters of the prompt that the first generated token repeats (token healing), per sequence
+    repeated = [0] * len(ids)
+    if opts.token_healing:
+        for row, prompt_ids in enumerate(ids):
+            healed, allowed = tokenizer.heal(prompt_ids)
+            if allowed is not None:
+                repeated[row] = len(tokenizer.token_texts()[prompt_ids[-1]])
+                ids[row], first_allowed[row] = healed, allowed
     streams: list[StreamDecoder] = [tokenizer.stream() for _ in ids]
     texts = [""] * len(ids)
     finished = [False] * len(ids)
     eot = tokenizer.eot_id
+
+    def emit(row: int, piece: str) -> bool:
+        """Adds a piece of text to sequence `row`; True when it completes a stop string."""
+        if repeated[row]:  # drop the prompt text that the healed first token brings back
+            cut = min(repeated[row], len(piece))
+            piece, repeated[row] = piece[cut:], repeated[row] - cut
+        if not piece:
+            return False
+        before = len(texts[row])
+        texts[row] += piece
+        cut = _first_stop(texts[row], opts.stop_strings, max(0, before - _longest(opts.stop_strings)))
+        if cut is not None:
+            piece = texts[row][before:cut] if cut > before else ""
+            texts[row] = texts[row][:cut]
+        if piece and on_text is not None:
+            on_text(row, piece)
+        return cut is not None
 
     def on_step(new_ids: list[int]) -> list[bool]:
         stop = [False] * len(new_ids)
@@ -210,21 +247,14 @@ def generate_text(
             if finished[row] or (opts.stop_at_eot and token == eot):
                 finished[row] = True
                 continue
-            piece = streams[row].push(token)
-            if not piece:
-                continue
-            before = len(texts[row])
-            texts[row] += piece
-            cut = _first_stop(texts[row], opts.stop_strings, max(0, before - _longest(opts.stop_strings)))
-            if cut is not None:
-                piece = texts[row][before:cut] if cut > before else ""
-                texts[row] = texts[row][:cut]
-                stop[row] = finished[row] = True
-            if piece and on_text is not None:
-                on_text(row, piece)
+            stop[row] = finished[row] = stopped_by_string[row] = emit(row, streams[row].push(token))
         return stop
 
-    generate_tokens(model, ids, opts, eot, tokenizer.vocab_size, on_step)
+    stopped_by_string = [False] * len(ids)
+    generate_tokens(model, ids, opts, eot, tokenizer.vocab_size, on_step, first_allowed)
+    for row, stream in enumerate(streams):  # bytes of an unfinished character at the very end
+        if not stopped_by_string[row]:
+            emit(row, stream.flush())
     return texts
 
 

@@ -148,6 +148,28 @@ class Tokenizer:
     def stream(self) -> StreamDecoder:
         return StreamDecoder(self)
 
+    def token_texts(self) -> list[str]:
+        """The text of every token id on its own (computed once, then cached)."""
+        if getattr(self, "_token_texts", None) is None:
+            self._token_texts = [self.hf.decode([i], skip_special_tokens=False) for i in range(self.vocab_size)]
+        return self._token_texts
+
+    def heal(self, ids: list[int]) -> tuple[list[int], list[int] | None]:
+        """Token healing: a prompt ending in "def " ends with a lone space token, rare in training
+        where the space belongs to the next word (" name"). Returns the prompt without its last
+        token, and the ids whose text starts with that token's text (the allowed first tokens);
+        or the prompt unchanged and None when no longer token extends the last one."""
+        if len(ids) < 2:
+            return ids, None
+        texts = self.token_texts()
+        last = texts[ids[-1]] if ids[-1] < len(texts) else ""
+        if not last or "\ufffd" in last or ids[-1] in self.hf.get_added_tokens_decoder():
+            return ids, None
+        allowed = [i for i, t in enumerate(texts) if t.startswith(last)]
+        if not any(len(texts[i]) > len(last) for i in allowed):
+            return ids, None
+        return ids[:-1], allowed
+
 
 class StreamDecoder:
     """Turns a stream of token ids into text pieces, holding back incomplete UTF-8 characters.
@@ -169,5 +191,13 @@ class StreamDecoder:
         if full.endswith("\ufffd"):  # a multi-byte character is not complete yet
             return ""
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return full[len(prefix) :]
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete character decodes as U+FFFD)."""
+        decode = self.tokenizer.decode
+        prefix = decode(self.ids[self.prefix_offset : self.read_offset])
+        full = decode(self.ids[self.prefix_offset :])
+        self.prefix_offset = self.read_offset = len(self.ids)
         return full[len(prefix) :]
 
