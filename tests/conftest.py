@@ -17,8 +17,9 @@ CORPUS = (
 
 
 @pytest.fixture(autouse=True)
-def _deterministic():
+def _deterministic_and_offline(monkeypatch):
     torch.manual_seed(0)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # tests never reach the Hugging Face Hub
 
 
 @pytest.fixture

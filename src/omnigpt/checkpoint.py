@@ -128,21 +128,26 @@ def load_weights(model: GPT, weights_path: Path) -> None:
         state = load_file(str(weights_path))
     except Exception as e:  # safetensors raises its own error type for truncated or corrupt files
         raise OmnigptError(f"{weights_path}: corrupt or truncated weights file ({e})") from None
-    if model.config.tie_embeddings:
-        state.setdefault("lm_head.weight", state.get("wte.weight"))
+    apply_state(model, state, str(weights_path))
+
+
+def apply_state(model: GPT, state: dict[str, torch.Tensor], source: str) -> None:
+    """Loads omnigpt-named weights into `model`, refusing missing, unexpected or misshapen ones."""
+    if model.config.tie_embeddings and "wte.weight" in state:
+        state.setdefault("lm_head.weight", state["wte.weight"])
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         raise OmnigptError(
-            f"{weights_path}: weights do not fit the config (missing: {missing[:5]}, unexpected: {unexpected[:5]})"
+            f"{source}: weights do not fit the config (missing: {missing[:5]}, unexpected: {unexpected[:5]})"
         )
     for name, tensor in state.items():
         if tensor.shape != expected[name].shape:
             raise OmnigptError(
-                f"{weights_path}: {name} has shape {tuple(tensor.shape)}, config expects {tuple(expected[name].shape)}"
+                f"{source}: {name} has shape {tuple(tensor.shape)}, config expects {tuple(expected[name].shape)}"
             )
-    model.load_state_dict(state)
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
 
 
 def load_trainer_state(folder: str | Path) -> dict[str, Any]:

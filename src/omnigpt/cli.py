@@ -79,7 +79,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompts", nargs="*", help="prompts; none (or -) reads one prompt from stdin")
-    p.add_argument("--model", required=True, help="run folder or checkpoint folder")
+    p.add_argument("--model", required=True,
+                   help="run or checkpoint folder, Hugging Face GPT-2 folder, or Hub name in the local HF cache")
     p.add_argument("--tokenizer", help="tokenizer file to use instead of the checkpoint's (must match it)")
     p.add_argument("--prompt-file", help="file with one prompt per line")
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate per completion")
@@ -96,6 +97,14 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
 
 
+def _convert_args(p: argparse.ArgumentParser) -> None:
+    way = p.add_mutually_exclusive_group(required=True)
+    way.add_argument("--from-hf", metavar="DIR_OR_NAME",
+                     help="a Hugging Face GPT-2 folder or cached Hub name to convert into an omnigpt checkpoint")
+    way.add_argument("--to-hf", metavar="RUN", help="an omnigpt run or checkpoint to export in GPT-2 format")
+    p.add_argument("--out", required=True, help="folder to write (must not hold a checkpoint already)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="omnigpt", description="Build, train and run GPT-style language models.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
@@ -106,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                                description="Pretrain a GPT by next-token prediction."))
     _generate_args(sub.add_parser("generate", help="generate text from a trained model",
                                   description="Generate text from a trained model, streaming to the terminal."))
+    _convert_args(sub.add_parser("convert", help="convert to or from the Hugging Face GPT-2 format",
+                                 description="Convert checkpoints to or from the Hugging Face GPT-2 format."))
     return parser
 
 
@@ -178,8 +189,8 @@ def _builtin_data() -> Path:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from omnigpt.checkpoint import load_checkpoint
     from omnigpt.generate import GenerationOptions, generate_text
+    from omnigpt.hf import load_model
     from omnigpt.train import pick_device
 
     prompts = [p for p in args.prompts if p != "-"]
@@ -198,7 +209,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         stop_strings=tuple(args.stop), num_samples=args.num_samples, seed=args.seed,
         token_healing=not args.no_token_healing,
     )
-    model, tokenizer = load_checkpoint(args.model, args.tokenizer, pick_device(args.device))
+    model, tokenizer = load_model(args.model, pick_device(args.device), args.tokenizer)
     streaming = len(prompts) * opts.num_samples == 1
     if streaming:
         sys.stdout.write(prompts[0])
@@ -217,7 +228,22 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(prompt + text)
 
 
-COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "generate": cmd_generate}
+def cmd_convert(args: argparse.Namespace) -> None:
+    from omnigpt.hf import export_hf, import_hf, load_model
+
+    out = Path(args.out)
+    if args.from_hf:
+        import_hf(args.from_hf, out)
+        print(f"converted {args.from_hf} → {out} (an omnigpt checkpoint: generate, fine-tune or --init-from it)")
+        return
+    if (out / "model.safetensors").exists():
+        raise OmnigptError(f"{out} already holds a model; choose another --out")
+    model, tokenizer = load_model(args.to_hf)
+    export_hf(model, tokenizer, out)
+    print(f"exported {args.to_hf} → {out} (GPT-2 format: transformers.AutoModelForCausalLM.from_pretrained)")
+
+
+COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "generate": cmd_generate, "convert": cmd_convert}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,246 @@
+"""Hugging Face GPT-2 interop: load a `transformers` GPT-2 folder (or a cached Hub name), export to one.
+
+    model, tok = load_model("gpt2")                  # a Hub name from the local HF cache, an HF folder,
+    model, tok = load_model("runs/mine")             # ... or an omnigpt run / checkpoint folder
+    export_hf(model, tok, "exported/")               # AutoModelForCausalLM / AutoTokenizer load it
+
+Conversion is the key map below plus one loop each way that raises on unknown or missing keys. GPT-2
+stores its projections as `Conv1D` (weight shaped in × out), so those four are transposed; the old
+attention-mask buffers (`attn.bias`, `attn.masked_bias`) are dropped; a tied `lm_head.weight` is the
+token embedding. `transformers` itself is never needed to load or export.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from omnigpt.checkpoint import CONFIG, WEIGHTS, apply_state, atomic_write_dir, load_checkpoint
+from omnigpt.config import ModelConfig, load_json
+from omnigpt.errors import OmnigptError
+from omnigpt.model import GPT
+from omnigpt.tokenizer import EOT, Tokenizer
+
+# omnigpt name → GPT-2 name; "{}" is the block index.
+GPT2_KEYS = {
+    "wte.weight": "transformer.wte.weight",
+    "wpe.weight": "transformer.wpe.weight",
+    "h.{}.ln_1.weight": "transformer.h.{}.ln_1.weight",
+    "h.{}.ln_1.bias": "transformer.h.{}.ln_1.bias",
+    "h.{}.attn.c_attn.weight": "transformer.h.{}.attn.c_attn.weight",
+    "h.{}.attn.c_attn.bias": "transformer.h.{}.attn.c_attn.bias",
+    "h.{}.attn.c_proj.weight": "transformer.h.{}.attn.c_proj.weight",
+    "h.{}.attn.c_proj.bias": "transformer.h.{}.attn.c_proj.bias",
+    "h.{}.ln_2.weight": "transformer.h.{}.ln_2.weight",
+    "h.{}.ln_2.bias": "transformer.h.{}.ln_2.bias",
+    "h.{}.mlp.c_fc.weight": "transformer.h.{}.mlp.c_fc.weight",
+    "h.{}.mlp.c_fc.bias": "transformer.h.{}.mlp.c_fc.bias",
+    "h.{}.mlp.c_proj.weight": "transformer.h.{}.mlp.c_proj.weight",
+    "h.{}.mlp.c_proj.bias": "transformer.h.{}.mlp.c_proj.bias",
+    "ln_f.weight": "transformer.ln_f.weight",
+    "ln_f.bias": "transformer.ln_f.bias",
+    "lm_head.weight": "lm_head.weight",  # only when the head is not tied
+}
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+DROPPED = re.compile(r"(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)$")
+GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # the tanh approximation omnigpt's GELU uses
+
+
+def _patterns(table: dict[str, str]) -> list[tuple[re.Pattern, str]]:
+    return [(re.compile("^" + re.escape(src).replace(r"\{\}", r"(\d+)") + "$"), dst) for src, dst in table.items()]
+
+
+TO_OURS = _patterns({hf: ours for ours, hf in GPT2_KEYS.items()})
+TO_HF = _patterns(GPT2_KEYS)
+
+
+def rename(state: dict[str, torch.Tensor], patterns, source: str) -> dict[str, torch.Tensor]:
+    """Renames every key through `patterns` and transposes GPT-2's Conv1D weights; unknown keys raise."""
+    out = {}
+    for key, tensor in state.items():
+        if DROPPED.match(key):
+            continue
+        for pattern, target in patterns:
+            m = pattern.match(key)
+            if m:
+                new = target.format(*m.groups())
+                out[new] = tensor.t().contiguous() if key.endswith(CONV1D) else tensor
+                break
+        else:
+            raise OmnigptError(f"{source}: unexpected weight {key!r} (not part of a GPT-2 model)")
+    return out
+
+
+# -- loading ---------------------------------------------------------------------------------------
+
+
+def config_from_hf(hf: dict, source: str) -> ModelConfig:
+    arch = hf.get("model_type")
+    if arch != "gpt2":
+        raise OmnigptError(f"{source}: unsupported architecture {arch!r} (omnigpt loads GPT-2 models)")
+    if hf.get("activation_function", "gelu_new") not in GPT2_ACTIVATIONS:
+        raise OmnigptError(f"{source}: unsupported activation {hf['activation_function']!r} (GPT-2 uses gelu_new)")
+    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
+        if hf.get(flag):
+            raise OmnigptError(f"{source}: unsupported GPT-2 option {flag}=true")
+    if hf.get("scale_attn_weights") is False:
+        raise OmnigptError(f"{source}: unsupported GPT-2 option scale_attn_weights=false")
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], block_size=hf.get("n_positions", 1024), n_layer=hf["n_layer"],
+        n_head=hf["n_head"], n_embd=hf["n_embd"], d_ff=hf.get("n_inner"), pos_encoding="learned", mlp="gelu",
+        norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5), bias=True,
+        tie_embeddings=hf.get("tie_word_embeddings", True),
+    )
+
+
+def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """model.safetensors, or pytorch_model.bin read with weights_only=True (no code from the file runs)."""
+    if (folder / "model.safetensors").is_file():
+        path = folder / "model.safetensors"
+        try:
+            return load_file(str(path))
+        except Exception as e:
+            raise OmnigptError(f"{path}: corrupt or truncated weights file ({e})") from None
+    if (folder / "pytorch_model.bin").is_file():
+        path = folder / "pytorch_model.bin"
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise OmnigptError(f"{path}: corrupt, truncated or unsafe weights file ({str(e).splitlines()[0]})") from None
+        if not isinstance(state, dict):
+            raise OmnigptError(f"{path}: not a state dict")
+        return state
+    if list(folder.glob("*.safetensors.index.json")) or list(folder.glob("pytorch_model-*.bin")):
+        raise OmnigptError(f"{folder}: sharded weights are not supported yet")
+    raise OmnigptError(f"{folder}: no weights (expected model.safetensors or pytorch_model.bin)")
+
+
+def load_hf(folder: str | Path) -> tuple[GPT, Tokenizer]:
+    """A `transformers` GPT-2 folder as an omnigpt model (eval mode) and its tokenizer."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise OmnigptError(f"{folder}: no config.json (not a Hugging Face model folder)")
+    cfg = config_from_hf(load_json(folder / "config.json"), str(folder))
+    state = read_hf_weights(folder)
+    state = {k.removeprefix("model."): v for k, v in state.items()}
+    if not any(k.startswith("transformer.") for k in state):  # saved from GPT2Model: no prefix
+        state = {(k if k == "lm_head.weight" else "transformer." + k): v for k, v in state.items()}
+    ours = rename(state, TO_OURS, str(folder))
+    if cfg.tie_embeddings:
+        ours.pop("lm_head.weight", None)
+    model = GPT(cfg)
+    apply_state(model, ours, str(folder))
+    return model.eval(), Tokenizer.load(folder)
+
+
+def is_hf_folder(folder: Path) -> bool:
+    if not (folder / "config.json").is_file():
+        return False
+    try:
+        return "model_type" in json.loads((folder / "config.json").read_text())
+    except (json.JSONDecodeError, OSError):
+        return False
+
+
+def resolve_hub_name(name: str) -> Path:
+    """A Hub repository name as a local snapshot folder, from the HF cache (HF_HOME, HF_HUB_OFFLINE)."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise OmnigptError(f"{name}: no such folder (install huggingface_hub to load Hub names)") from None
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    # read at call time: huggingface_hub reads these variables once, when first imported
+    home = os.environ.get("HF_HOME", os.path.join(os.path.expanduser("~"), ".cache", "huggingface"))
+    cache = os.environ.get("HF_HUB_CACHE", os.path.join(home, "hub"))
+    patterns = ["config.json", "*.safetensors", "tokenizer.json", "vocab.json", "merges.txt", "generation_config.json"]
+    try:
+        return Path(snapshot_download(name, allow_patterns=patterns, local_files_only=offline, cache_dir=cache))
+    except Exception:
+        try:
+            return Path(snapshot_download(name, allow_patterns=patterns, local_files_only=True, cache_dir=cache))
+        except Exception:
+            raise OmnigptError(
+                f"{name}: no such folder, nor a model in the local Hugging Face cache "
+                "(and it could not be downloaded)"
+            ) from None
+
+
+def load_model(path_or_name: str | Path, device: str | torch.device = "cpu",
+               tokenizer_path: str | Path | None = None) -> tuple[GPT, Tokenizer]:
+    """An omnigpt run or checkpoint folder, a Hugging Face GPT-2 folder, or a cached Hub name."""
+    path = Path(path_or_name)
+    if not path.exists() and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", str(path_or_name)) and not str(path).startswith("."):
+        path = resolve_hub_name(str(path_or_name))
+    if is_hf_folder(path):
+        model, tokenizer = load_hf(path)
+        if tokenizer_path is not None:
+            tokenizer = Tokenizer.load(tokenizer_path)
+        return model.to(device), tokenizer
+    return load_checkpoint(path, tokenizer_path, device)
+
+
+# -- export ----------------------------------------------------------------------------------------
+
+
+def hf_config(cfg: ModelConfig, tokenizer: Tokenizer) -> dict:
+    eot = tokenizer.eot_id
+    return {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "activation_function": "gelu_new",
+        "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size, "n_embd": cfg.n_embd,
+        "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": cfg.d_ff, "layer_norm_epsilon": cfg.norm_eps,
+        "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": eot, "eos_token_id": eot,
+        "attn_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "resid_pdrop": cfg.dropout,
+        "scale_attn_weights": True, "use_cache": True, "torch_dtype": "float32",
+    }
+
+
+def export_hf(model: GPT, tokenizer: Tokenizer, out_dir: str | Path) -> None:
+    """Writes a GPT-2 folder for `transformers`; architectures without a GPT-2 equivalent are refused.
+
+    Sinusoidal positions are exported as GPT-2's learned table filled with their fixed values."""
+    cfg = model.config
+    reasons = [r for r, bad in (
+        ("rotary positions", cfg.pos_encoding == "rope"), ("RMSNorm", cfg.norm == "rmsnorm"),
+        ("SwiGLU", cfg.mlp == "swiglu"), ("Linear layers without bias", not cfg.bias),
+    ) if bad]
+    if reasons:
+        raise OmnigptError(f"cannot export to GPT-2 format: GPT-2 has no {', '.join(reasons)}")
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if cfg.pos_encoding == "sinusoidal":
+        state["wpe.weight"] = model.pos_table.detach().cpu().clone()
+    if cfg.tie_embeddings:
+        state.pop("lm_head.weight")
+    hf_state = rename(state, TO_HF, "model")
+    eot = tokenizer.eot_id
+
+    def write(tmp: Path) -> None:
+        save_file({k: v.contiguous() for k, v in hf_state.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf_config(cfg, tokenizer), indent=2) + "\n")
+        generation = {"bos_token_id": eot, "eos_token_id": eot, "do_sample": True, "max_length": cfg.block_size}
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        tokenizer.save(tmp)
+        special = {"eos_token": EOT, "bos_token": EOT, "unk_token": EOT} if eot is not None else {}
+        (tmp / "tokenizer_config.json").write_text(json.dumps(
+            {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.block_size, **special}, indent=2
+        ) + "\n")
+
+    atomic_write_dir(Path(out_dir), write)
+
+
+def import_hf(source: str | Path, out_dir: str | Path) -> Path:
+    """Converts a Hugging Face GPT-2 folder (or cached Hub name) into an omnigpt checkpoint folder."""
+    from omnigpt.checkpoint import save_checkpoint
+
+    model, tokenizer = load_model(source)
+    out_dir = Path(out_dir)
+    if (out_dir / WEIGHTS).exists() or (out_dir / CONFIG).exists():
+        raise OmnigptError(f"{out_dir} already holds a checkpoint; choose another --out")
+    save_checkpoint(out_dir, model, tokenizer, extra_config={"converted_from": str(source)})
+    return out_dir
+
