@@ -113,3 +113,13 @@ def test_context_overflow_raises():
     model = tiny_model(block_size=8)
     with pytest.raises(ValueError, match="exceeds the context"):
         model(torch.zeros(1, 9, dtype=torch.long))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_model_without_init_loads_like_a_built_one(variant):
+    ref = tiny_model(**variant)
+    empty = GPT.without_init(ref.config)
+    assert empty.lm_head.weight is empty.wte.weight  # still tied
+    empty.load_state_dict(ref.state_dict())
+    x = torch.randint(0, 64, (2, 9))
+    torch.testing.assert_close(empty.eval()(x)[0], ref(x)[0])

@@ -118,7 +118,7 @@ def load_checkpoint(
         raise OmnigptError(
             f"tokenizer has {tokenizer.vocab_size} tokens but checkpoint {folder} has only {model_cfg.vocab_size}"
         )
-    model = GPT(model_cfg)
+    model = GPT.without_init(model_cfg)
     load_weights(model, folder / WEIGHTS)
     return model.to(device).eval(), tokenizer
 
@@ -147,7 +147,10 @@ def apply_state(model: GPT, state: dict[str, torch.Tensor], source: str) -> None
             raise OmnigptError(
                 f"{source}: {name} has shape {tuple(tensor.shape)}, config expects {tuple(expected[name].shape)}"
             )
-    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
+    # assign: the loaded tensors become the parameters (no second copy of every weight)
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, assign=True)
+    if model.config.tie_embeddings:
+        model.lm_head.weight = model.wte.weight
 
 
 def load_trainer_state(folder: str | Path) -> dict[str, Any]:

@@ -133,7 +133,7 @@ def load_hf(folder: str | Path) -> tuple[GPT, Tokenizer]:
     ours = rename(state, TO_OURS, str(folder))
     if cfg.tie_embeddings:
         ours.pop("lm_head.weight", None)
-    model = GPT(cfg)
+    model = GPT.without_init(cfg)
     apply_state(model, ours, str(folder))
     return model.eval(), Tokenizer.load(folder)
 
