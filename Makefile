@@ -42,6 +42,7 @@ lint: install
 bench: install
 	$(PY) benchmarks/shakespeare_char.py --data ../shared/data/tinyshakespeare/input.txt --seconds 90
 	$(PY) benchmarks/generation_speed.py
+	$(PY) benchmarks/hf_interop.py
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info .pytest_cache

@@ -115,8 +115,11 @@ def test_export_refuses_architectures_without_a_gpt2_equivalent(tmp_path, bpe):
 
 def test_bad_hf_folders_are_clear(tmp_path, bpe):
     make_hf_model(tmp_path / "m", bpe, SHAPES[0])
-    with pytest.raises(OmnigptError, match="no config.json|no such checkpoint"):
-        load_model(tmp_path / "empty_dir_that_does_not_exist")
+    no_config = tmp_path / "noconfig"
+    shutil.copytree(tmp_path / "m", no_config)
+    os.remove(no_config / "config.json")
+    with pytest.raises(OmnigptError, match="config.json: file not found"):
+        load_model(no_config)
     broken = tmp_path / "noweights"
     shutil.copytree(tmp_path / "m", broken)
     os.remove(broken / "model.safetensors")
@@ -139,6 +142,8 @@ def test_bad_hf_folders_are_clear(tmp_path, bpe):
     (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(OmnigptError, match="corrupt or truncated"):
         load_model(truncated)
+    assert main(["convert", "--from-hf", str(truncated), "--out", str(tmp_path / "never")]) == 2
+    assert not (tmp_path / "never").exists()  # nothing written half-way
 
 
 def test_hub_names_resolve_through_the_local_cache(tmp_path, bpe, monkeypatch):
