@@ -8,12 +8,15 @@ TORCH_VERSION := 2.13.0
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	@# A CPU-only machine must never pull the multi-GB CUDA wheels: use a local/CPU build of torch.
+	@# A CPU-only machine must never pull the multi-GB CUDA wheels. With a GPU: the regular build.
+	@# Without: a torch wheel pip's configured find-links provide (a local CPU build), its dependencies
+	@# from the package index; failing that, the CPU build from PyTorch's own index.
 	@if $(PY) -c "import torch" 2>/dev/null; then :; \
 	elif command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch==$(TORCH_VERSION); \
-	elif $(PY) -m pip install -q --no-index torch==$(TORCH_VERSION) 2>/dev/null; then :; \
-	else $(PY) -m pip install -q torch==$(TORCH_VERSION) --index-url https://download.pytorch.org/whl/cpu; fi
+	elif $(PY) -m pip install -q --no-index --no-deps torch==$(TORCH_VERSION) 2>/dev/null; then \
+		$(PY) -m pip install -q torch==$(TORCH_VERSION); \
+	else $(PY) -m pip install -q torch==$(TORCH_VERSION) \
+		--index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple; fi
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 

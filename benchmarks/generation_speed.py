@@ -48,7 +48,9 @@ def timed(fn, repeats: int) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=128)
@@ -58,7 +60,9 @@ def main() -> None:
 
     torch.manual_seed(0)
     ours = GPT(ModelConfig.from_preset("gpt2", vocab_size=VOCAB)).eval()
-    weight_bytes = ours.num_params() * 4  # fp32; the tied LM head is the embedding, read once per token
+    weight_bytes = (
+        ours.num_params() * 4
+    )  # fp32; the tied LM head is the embedding, read once per token
     hf = None
     if not args.skip_transformers:
         from transformers import GPT2Config, GPT2LMHeadModel
@@ -77,11 +81,17 @@ def main() -> None:
 
         results[f"omnigpt_batch{batch}_tokens_per_s"] = n_new / timed(run_ours, args.repeats)
         if hf is not None:
+
             def run_hf(prompts=prompts) -> None:
                 with torch.inference_mode():
-                    out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
-                                      max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                                      pad_token_id=0)
+                    out = hf.generate(
+                        prompts,
+                        attention_mask=torch.ones_like(prompts),
+                        do_sample=False,
+                        max_new_tokens=args.new_tokens,
+                        min_new_tokens=args.new_tokens,
+                        pad_token_id=0,
+                    )
                 assert out.shape[1] == args.prompt_tokens + args.new_tokens
 
             results[f"transformers_batch{batch}_tokens_per_s"] = n_new / timed(run_hf, args.repeats)
@@ -94,14 +104,19 @@ def main() -> None:
     bandwidth = read_bandwidth_gb_s()
     bound = bandwidth * 1e9 / weight_bytes
     results.update(
-        weights_mb=weight_bytes / 1e6, read_bandwidth_gb_s=bandwidth, batch1_bound_tokens_per_s=bound,
-        threads=torch.get_num_threads(), torch=torch.__version__,
+        weights_mb=weight_bytes / 1e6,
+        read_bandwidth_gb_s=bandwidth,
+        batch1_bound_tokens_per_s=bound,
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
     )
     if 1 in args.batch_sizes:
         achieved = results["omnigpt_batch1_tokens_per_s"]
         results["batch1_fraction_of_bound"] = achieved / bound
-        print(f"batch 1 bound: {weight_bytes / 1e6:.0f} MB of weights per token at {bandwidth:.1f} GB/s read "
-              f"→ {bound:.1f} tokens/s; omnigpt reaches {achieved / bound:.0%} of it")
+        print(
+            f"batch 1 bound: {weight_bytes / 1e6:.0f} MB of weights per token at {bandwidth:.1f} GB/s read "
+            f"→ {bound:.1f} tokens/s; omnigpt reaches {achieved / bound:.0%} of it"
+        )
     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in results.items()}))
 
 

@@ -36,7 +36,9 @@ def median_time(fn, repeats: int):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--new-tokens", type=int, default=128)
     args = p.parse_args()
@@ -46,7 +48,9 @@ def main() -> None:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as folder:
         GPT2LMHeadModel(GPT2Config()).save_pretrained(folder)
-        Tokenizer.train_char(["placeholder"]).save(folder)  # load_hf wants a tokenizer; not timed below
+        Tokenizer.train_char(["placeholder"]).save(
+            folder
+        )  # load_hf wants a tokenizer; not timed below
 
         def load_ours():
             model, _ = load_hf(folder)
@@ -61,24 +65,41 @@ def main() -> None:
 
     prompt = torch.randint(0, 50257, (1, 32))
     opts = GenerationOptions(max_new_tokens=args.new_tokens, temperature=0.0, stop_at_eot=False)
-    ours_gen, ours_tokens = median_time(lambda: generate_tokens(ours, prompt.tolist(), opts)[0], args.repeats)
+    ours_gen, ours_tokens = median_time(
+        lambda: generate_tokens(ours, prompt.tolist(), opts)[0], args.repeats
+    )
 
     def generate_theirs():
         with torch.inference_mode():
-            out = theirs.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
-                                  max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, pad_token_id=0)
+            out = theirs.generate(
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                do_sample=False,
+                max_new_tokens=args.new_tokens,
+                min_new_tokens=args.new_tokens,
+                pad_token_id=0,
+            )
         return out[0, 32:].tolist()
 
     theirs_gen, theirs_tokens = median_time(generate_theirs, args.repeats)
     same = ours_tokens == theirs_tokens
-    print(f"generate (batch 1): omnigpt {args.new_tokens / ours_gen:.1f} tokens/s   "
-          f"transformers {args.new_tokens / theirs_gen:.1f} tokens/s   identical tokens: {same}")
-    print(json.dumps({
-        "omnigpt_load_s": round(ours_load, 3), "transformers_load_s": round(theirs_load, 3),
-        "omnigpt_tokens_per_s": round(args.new_tokens / ours_gen, 2),
-        "transformers_tokens_per_s": round(args.new_tokens / theirs_gen, 2),
-        "identical_greedy_tokens": same, "torch": torch.__version__, "threads": torch.get_num_threads(),
-    }))
+    print(
+        f"generate (batch 1): omnigpt {args.new_tokens / ours_gen:.1f} tokens/s   "
+        f"transformers {args.new_tokens / theirs_gen:.1f} tokens/s   identical tokens: {same}"
+    )
+    print(
+        json.dumps(
+            {
+                "omnigpt_load_s": round(ours_load, 3),
+                "transformers_load_s": round(theirs_load, 3),
+                "omnigpt_tokens_per_s": round(args.new_tokens / ours_gen, 2),
+                "transformers_tokens_per_s": round(args.new_tokens / theirs_gen, 2),
+                "identical_greedy_tokens": same,
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -31,7 +31,9 @@ from omnigpt.train import fit, padded_vocab, setup_distributed
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--data", required=True, help="path to tinyshakespeare input.txt")
     p.add_argument("--seconds", type=float, default=90.0, help="training wall-clock budget")
     p.add_argument("--n-layer", type=int, default=4)
@@ -51,7 +53,12 @@ def main() -> None:
     p.add_argument("--no-bias", action="store_true", help="drop biases from Linear and LayerNorm")
     p.add_argument("--untie", action="store_true", help="separate LM head from the token embedding")
     p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="bf16", help="bf16: autocast matmuls to bf16 (AMX)")
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default="bf16",
+        help="bf16: autocast matmuls to bf16 (AMX)",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=1337)
     args = p.parse_args()
@@ -67,33 +74,64 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     model_cfg = ModelConfig(
-        vocab_size=padded_vocab(tokenizer.vocab_size), block_size=args.block_size, n_layer=args.n_layer,
-        n_head=args.n_head, n_embd=args.n_embd, pos_encoding=args.pos_encoding, mlp=args.mlp,
-        norm=args.norm, bias=not args.no_bias, tie_embeddings=not args.untie, dropout=args.dropout,
+        vocab_size=padded_vocab(tokenizer.vocab_size),
+        block_size=args.block_size,
+        n_layer=args.n_layer,
+        n_head=args.n_head,
+        n_embd=args.n_embd,
+        pos_encoding=args.pos_encoding,
+        mlp=args.mlp,
+        norm=args.norm,
+        bias=not args.no_bias,
+        tie_embeddings=not args.untie,
+        dropout=args.dropout,
     )
     train_cfg = TrainConfig(
-        batch_size=args.batch_size, max_steps=10**9, max_seconds=args.seconds, optimizer=args.optimizer,
-        lr=args.lr, muon_lr=args.muon_lr, warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio,
-        weight_decay=args.weight_decay, precision=args.precision, eval_interval=10**9, eval_batches=0, log_interval=50, seed=args.seed,
+        batch_size=args.batch_size,
+        max_steps=10**9,
+        max_seconds=args.seconds,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        muon_lr=args.muon_lr,
+        warmup_steps=args.warmup_steps,
+        min_lr_ratio=args.min_lr_ratio,
+        weight_decay=args.weight_decay,
+        precision=args.precision,
+        eval_interval=10**9,
+        eval_batches=0,
+        log_interval=50,
+        seed=args.seed,
     )
     model = GPT(model_cfg)
     print(model.describe())
     batches = RandomWindows(train_tokens, args.block_size, args.batch_size, args.seed)
     with tempfile.TemporaryDirectory() as run_dir:
         t0 = time.time()
-        result = fit(model, tokenizer, batches, val_tokens, train_cfg, run_dir, setup_distributed("cpu"),
-                     progress=False)
+        result = fit(
+            model,
+            tokenizer,
+            batches,
+            val_tokens,
+            train_cfg,
+            run_dir,
+            setup_distributed("cpu"),
+            progress=False,
+        )
         total = time.time() - t0
-    print(json.dumps({
-        "val_loss": round(result.final_val_loss, 4),
-        "tokens_per_s": round(result.tokens / result.seconds),
-        "seconds": round(result.seconds, 1),
-        "steps": result.steps,
-        "tokens": result.tokens,
-        "params": model.num_params(),
-        "wall_seconds_with_eval": round(total, 1),
-        "config": {k: v for k, v in vars(args).items() if k not in ("data",)},
-    }))
+    print(
+        json.dumps(
+            {
+                "val_loss": round(result.final_val_loss, 4),
+                "tokens_per_s": round(result.tokens / result.seconds),
+                "seconds": round(result.seconds, 1),
+                "steps": result.steps,
+                "tokens": result.tokens,
+                "params": model.num_params(),
+                "wall_seconds_with_eval": round(total, 1),
+                "config": {k: v for k, v in vars(args).items() if k not in ("data",)},
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

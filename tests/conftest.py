@@ -28,7 +28,12 @@ def char_tokenizer() -> Tokenizer:
 
 
 def tiny_model(vocab_size: int = 64, **overrides) -> GPT:
-    cfg = ModelConfig(**{**dict(vocab_size=vocab_size, block_size=64, n_layer=2, n_head=2, n_embd=32), **overrides})
+    cfg = ModelConfig(
+        **{
+            **dict(vocab_size=vocab_size, block_size=64, n_layer=2, n_head=2, n_embd=32),
+            **overrides,
+        }
+    )
     return GPT(cfg).eval()
 
 

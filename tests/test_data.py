@@ -20,7 +20,9 @@ def test_prepare_text_file_char(tmp_path, corpus_file):
     tok = Tokenizer.load(tmp_path / "out")
     assert tok.decode(np.concatenate([train, val]).tolist()) == CORPUS + "<|endoftext|>"
     meta = json.loads((tmp_path / "out/meta.json").read_text())
-    assert meta["documents"] == 1 and meta["bytes_per_token"] == pytest.approx(len(CORPUS) / (len(CORPUS) + 1))
+    assert meta["documents"] == 1 and meta["bytes_per_token"] == pytest.approx(
+        len(CORPUS) / (len(CORPUS) + 1)
+    )
 
 
 def test_prepare_folder_recursively_and_jsonl(tmp_path):
@@ -29,7 +31,9 @@ def test_prepare_folder_recursively_and_jsonl(tmp_path):
     (src / "one.txt").write_text("first document")
     (src / "a/b/two.md").write_text("second document")
     (src / ".hidden").write_text("never read")
-    (src / "a/docs.jsonl").write_text(json.dumps({"text": "third"}) + "\n\n" + json.dumps({"text": "fourth"}) + "\n")
+    (src / "a/docs.jsonl").write_text(
+        json.dumps({"text": "third"}) + "\n\n" + json.dumps({"text": "fourth"}) + "\n"
+    )
     summary = prepare([src], tmp_path / "out", "bpe:300", val_fraction=0.0, progress=False)
     assert summary.documents == 4
     text = Tokenizer.load(tmp_path / "out").decode(load_tokens(tmp_path / "out/train.bin").tolist())
@@ -45,7 +49,9 @@ def test_bad_corpora_are_clear(tmp_path):
     with pytest.raises(OmnigptError, match="is empty"):
         prepare([tmp_path / "empty.txt"], tmp_path / "out", "char", progress=False)
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
-    with pytest.raises(OmnigptError, match=r"latin1.txt: not UTF-8 text \(invalid byte 0xe9 at offset 3\)"):
+    with pytest.raises(
+        OmnigptError, match=r"latin1.txt: not UTF-8 text \(invalid byte 0xe9 at offset 3\)"
+    ):
         prepare([tmp_path / "latin1.txt"], tmp_path / "out", "char", progress=False)
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"text": oops}\n')
     with pytest.raises(OmnigptError, match=r"bad.jsonl:2: malformed JSON"):
@@ -55,8 +61,13 @@ def test_bad_corpora_are_clear(tmp_path):
 
 def test_skip_bad_files(tmp_path, corpus_file):
     (tmp_path / "latin1.txt").write_bytes(b"caf\xe9")
-    summary = prepare([corpus_file, tmp_path / "latin1.txt"], tmp_path / "out", "char",
-                      skip_bad_files=True, progress=False)
+    summary = prepare(
+        [corpus_file, tmp_path / "latin1.txt"],
+        tmp_path / "out",
+        "char",
+        skip_bad_files=True,
+        progress=False,
+    )
     assert summary.documents == 1
 
 
@@ -77,7 +88,9 @@ def test_random_windows_are_deterministic_and_shifted():
 def test_ranks_split_the_global_batch():
     tokens = np.arange(1000, dtype=np.uint16)
     whole = RandomWindows(tokens, 8, 6, seed=3).next_batch()[0]
-    parts = [RandomWindows(tokens, 8, 3, seed=3, rank=r, world_size=2).next_batch()[0] for r in range(2)]
+    parts = [
+        RandomWindows(tokens, 8, 3, seed=3, rank=r, world_size=2).next_batch()[0] for r in range(2)
+    ]
     assert torch.equal(torch.cat(parts), whole)
     assert not torch.equal(parts[0], parts[1])
 

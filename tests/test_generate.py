@@ -51,14 +51,18 @@ def test_sampling_is_greedy_at_zero_temperature_and_seeded_otherwise():
     assert all(int(a[i]) in logits[i].topk(10).indices.tolist() for i in range(4))
 
 
-@pytest.mark.parametrize("variant", [dict(), dict(pos_encoding="rope", mlp="swiglu", norm="rmsnorm")])
+@pytest.mark.parametrize(
+    "variant", [dict(), dict(pos_encoding="rope", mlp="swiglu", norm="rmsnorm")]
+)
 def test_cached_batched_greedy_equals_recomputation(variant):
     model = tiny_model(**variant)
     prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [3], [1, 2, 3, 4]]
     batched = generate_tokens(model, prompts, GREEDY)
     for prompt, got in zip(prompts, batched, strict=True):
         assert got == greedy_without_cache(model, prompt, 12)
-        assert generate_tokens(model, [prompt], GREEDY)[0] == got  # alone, on the unpadded fast path
+        assert (
+            generate_tokens(model, [prompt], GREEDY)[0] == got
+        )  # alone, on the unpadded fast path
 
 
 def test_cached_logits_equal_recomputation_for_padded_batch():
@@ -76,21 +80,29 @@ def test_cached_logits_equal_recomputation_for_padded_batch():
         for t in range(len(prompt), seq.size(1) - 1):
             step_logits.append(model(seq[:, t : t + 1], caches=caches, start_pos=t)[0][:, -1])
         seen_logits.append(torch.cat(step_logits))
-        torch.testing.assert_close(seen_logits[-1], full[0, len(prompt) - 1 : -1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            seen_logits[-1], full[0, len(prompt) - 1 : -1], atol=1e-5, rtol=1e-5
+        )
 
 
 def test_stops_at_end_of_text():
     model = tiny_model()
     first = generate_tokens(model, [[1, 2, 3]], GREEDY)[0]
     eot = first[3]  # pretend the 4th generated token is end-of-text
-    stopped = generate_tokens(model, [[1, 2, 3]], GenerationOptions(max_new_tokens=12, temperature=0), eot_id=eot)
+    stopped = generate_tokens(
+        model, [[1, 2, 3]], GenerationOptions(max_new_tokens=12, temperature=0), eot_id=eot
+    )
     assert stopped[0] == first[: first.index(eot)]
 
 
 def test_vocab_limit_restricts_sampling():
     model = tiny_model()
-    out = generate_tokens(model, [[1, 2]], GenerationOptions(max_new_tokens=30, temperature=2.0, seed=0),
-                          vocab_limit=5)
+    out = generate_tokens(
+        model,
+        [[1, 2]],
+        GenerationOptions(max_new_tokens=30, temperature=2.0, seed=0),
+        vocab_limit=5,
+    )
     assert out[0] and max(out[0]) < 5
 
 
@@ -98,7 +110,9 @@ def test_prompt_longer_than_context_is_refused_and_output_is_clamped():
     model = tiny_model(block_size=16)
     with pytest.raises(OmnigptError, match="longer than the model's context of 16"):
         generate_tokens(model, [list(range(17))], GREEDY)
-    out = generate_tokens(model, [list(range(10))], GenerationOptions(max_new_tokens=50, temperature=0))
+    out = generate_tokens(
+        model, [list(range(10))], GenerationOptions(max_new_tokens=50, temperature=0)
+    )
     assert len(out[0]) == 6
 
 
@@ -106,20 +120,33 @@ def test_generate_text_streams_and_honours_stop_strings(char_tokenizer):
     model = tiny_model(vocab_size=char_tokenizer.vocab_size + 10)
     opts = GenerationOptions(max_new_tokens=40, temperature=1.5, seed=3, stop_at_eot=False)
     streamed: dict[int, str] = {0: "", 1: ""}
-    texts = generate_text(model, char_tokenizer, ["def ", "class "], opts,
-                          on_text=lambda i, piece: streamed.__setitem__(i, streamed[i] + piece))
+    texts = generate_text(
+        model,
+        char_tokenizer,
+        ["def ", "class "],
+        opts,
+        on_text=lambda i, piece: streamed.__setitem__(i, streamed[i] + piece),
+    )
     assert [streamed[0], streamed[1]] == texts
     assert len(texts[0]) > 0
     # the same sampling run with a stop string taken from its own output ends right before it
     stop = texts[1][5:7]
-    cut = generate_text(model, char_tokenizer, ["def ", "class "], GenerationOptions(
-        max_new_tokens=40, temperature=1.5, seed=3, stop_at_eot=False, stop_strings=(stop,)))
+    cut = generate_text(
+        model,
+        char_tokenizer,
+        ["def ", "class "],
+        GenerationOptions(
+            max_new_tokens=40, temperature=1.5, seed=3, stop_at_eot=False, stop_strings=(stop,)
+        ),
+    )
     assert cut[1] == texts[1][: texts[1].find(stop)]
 
 
 def test_num_samples_and_seeds(char_tokenizer):
     model = tiny_model(vocab_size=char_tokenizer.vocab_size)
-    opts = GenerationOptions(max_new_tokens=20, temperature=1.0, num_samples=3, seed=7, stop_at_eot=False)
+    opts = GenerationOptions(
+        max_new_tokens=20, temperature=1.0, num_samples=3, seed=7, stop_at_eot=False
+    )
     a = generate_text(model, char_tokenizer, ["x"], opts)
     assert len(a) == 3 and len(set(a)) > 1
     assert generate_text(model, char_tokenizer, ["x"], opts) == a

@@ -34,8 +34,9 @@ def bpe() -> Tokenizer:
 
 def make_hf_model(folder, tok: Tokenizer, shape: dict, weights: str = "safetensors"):
     torch.manual_seed(0)
-    cfg = transformers.GPT2Config(vocab_size=tok.vocab_size, bos_token_id=tok.eot_id, eos_token_id=tok.eot_id,
-                                  **shape)
+    cfg = transformers.GPT2Config(
+        vocab_size=tok.vocab_size, bos_token_id=tok.eot_id, eos_token_id=tok.eot_id, **shape
+    )
     hf = transformers.GPT2LMHeadModel(cfg).eval()
     with torch.no_grad():  # non-trivial biases and norms, so every tensor matters
         for p in hf.parameters():
@@ -43,12 +44,15 @@ def make_hf_model(folder, tok: Tokenizer, shape: dict, weights: str = "safetenso
     hf.save_pretrained(folder)
     if weights == "bin":
         state = {k: v for k, v in hf.state_dict().items()}
-        state["transformer.h.0.attn.bias"] = torch.tril(torch.ones(1, 1, 8, 8))  # old checkpoints' buffer
+        state["transformer.h.0.attn.bias"] = torch.tril(
+            torch.ones(1, 1, 8, 8)
+        )  # old checkpoints' buffer
         os.remove(folder / "model.safetensors")
         torch.save(state, folder / "pytorch_model.bin")
     tok.save(folder)
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>"}))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>"})
+    )
     return hf
 
 
@@ -61,13 +65,19 @@ def test_logits_greedy_tokens_and_text_match_transformers(tmp_path, bpe, shape):
         torch.testing.assert_close(ours(x)[0], hf(x).logits, atol=1e-5, rtol=1e-5)
 
     prompts = [bpe.encode("def add(a, b):"), bpe.encode("class"), bpe.encode("    return a")]
-    ours_tokens = generate_tokens(ours, prompts, GenerationOptions(max_new_tokens=30, temperature=0,
-                                                                   stop_at_eot=False))
+    ours_tokens = generate_tokens(
+        ours, prompts, GenerationOptions(max_new_tokens=30, temperature=0, stop_at_eot=False)
+    )
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
     for prompt, got in zip(prompts, ours_tokens, strict=True):
         with torch.no_grad():
-            ref = hf.generate(torch.tensor([prompt]), max_new_tokens=30, min_new_tokens=30, do_sample=False,
-                              pad_token_id=bpe.eot_id)[0, len(prompt):].tolist()
+            ref = hf.generate(
+                torch.tensor([prompt]),
+                max_new_tokens=30,
+                min_new_tokens=30,
+                do_sample=False,
+                pad_token_id=bpe.eot_id,
+            )[0, len(prompt) :].tolist()
         assert got == ref
         assert tok.decode(prompt + got) == hf_tok.decode(prompt + ref)
 
@@ -78,6 +88,7 @@ def test_pytorch_model_bin_is_read_safely(tmp_path, bpe):
     x = torch.randint(0, bpe.vocab_size, (2, 10))
     with torch.no_grad():
         torch.testing.assert_close(ours(x)[0], hf(x).logits, atol=1e-5, rtol=1e-5)
+
     # a pickle that would run code is refused by weights_only loading
     class Evil:
         def __reduce__(self):
@@ -88,13 +99,20 @@ def test_pytorch_model_bin_is_read_safely(tmp_path, bpe):
         load_model(tmp_path)
 
 
-@pytest.mark.parametrize("variant", [dict(), dict(pos_encoding="sinusoidal"), dict(tie_embeddings=False)])
+@pytest.mark.parametrize(
+    "variant", [dict(), dict(pos_encoding="sinusoidal"), dict(tie_embeddings=False)]
+)
 def test_export_round_trip_through_transformers(tmp_path, bpe, variant):
     torch.manual_seed(0)
-    model = GPT(ModelConfig(vocab_size=bpe.vocab_size + 5, block_size=64, n_layer=2, n_head=2, n_embd=16,
-                            **variant)).eval()
+    model = GPT(
+        ModelConfig(
+            vocab_size=bpe.vocab_size + 5, block_size=64, n_layer=2, n_head=2, n_embd=16, **variant
+        )
+    ).eval()
     export_hf(model, bpe, tmp_path / "out")
-    hf, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "out", output_loading_info=True
+    )
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     x = torch.randint(0, bpe.vocab_size, (2, 12))
     with torch.no_grad():
@@ -106,8 +124,17 @@ def test_export_round_trip_through_transformers(tmp_path, bpe, variant):
 
 
 def test_export_refuses_architectures_without_a_gpt2_equivalent(tmp_path, bpe):
-    model = GPT(ModelConfig(vocab_size=bpe.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=16,
-                            pos_encoding="rope", norm="rmsnorm"))
+    model = GPT(
+        ModelConfig(
+            vocab_size=bpe.vocab_size,
+            block_size=32,
+            n_layer=1,
+            n_head=2,
+            n_embd=16,
+            pos_encoding="rope",
+            norm="rmsnorm",
+        )
+    )
     with pytest.raises(OmnigptError, match="GPT-2 has no rotary positions, RMSNorm"):
         export_hf(model, bpe, tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -167,14 +194,42 @@ def test_cli_convert_both_ways_and_generate(tmp_path, bpe, capsys):
     make_hf_model(tmp_path / "hf", bpe, SHAPES[0])
     assert main(["convert", "--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 0
     assert "converted" in capsys.readouterr().out
-    assert main(["generate", "--model", str(tmp_path / "run"), "def", "--max-new-tokens", "5",
-                 "--temperature", "0"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(tmp_path / "run"),
+                "def",
+                "--max-new-tokens",
+                "5",
+                "--temperature",
+                "0",
+            ]
+        )
+        == 0
+    )
     from_run = capsys.readouterr().out
-    assert main(["generate", "--model", str(tmp_path / "hf"), "def", "--max-new-tokens", "5",
-                 "--temperature", "0"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(tmp_path / "hf"),
+                "def",
+                "--max-new-tokens",
+                "5",
+                "--temperature",
+                "0",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out == from_run  # the HF folder and its conversion generate alike
     assert main(["convert", "--to-hf", str(tmp_path / "run"), "--out", str(tmp_path / "back")]) == 0
-    hf, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back", output_loading_info=True)
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "back", output_loading_info=True
+    )
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert main(["convert", "--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 2
     assert "already holds a checkpoint" in capsys.readouterr().err
@@ -183,12 +238,50 @@ def test_cli_convert_both_ways_and_generate(tmp_path, bpe, capsys):
 def test_imported_model_fine_tunes_like_any_run(tmp_path, bpe, capsys):
     make_hf_model(tmp_path / "hf", bpe, SHAPES[0])
     (tmp_path / "corpus.txt").write_text(CORPUS)
-    assert main(["convert", "--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "base")]) == 0
-    assert main(["prepare", str(tmp_path / "corpus.txt"), "--out", str(tmp_path / "data"),
-                 "--tokenizer", str(tmp_path / "base")]) == 0
-    args = ["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "ft"), "--init-from",
-            str(tmp_path / "base"), "--batch-size", "4", "--eval-interval", "5", "--no-progress"]
+    assert (
+        main(["convert", "--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "base")]) == 0
+    )
+    assert (
+        main(
+            [
+                "prepare",
+                str(tmp_path / "corpus.txt"),
+                "--out",
+                str(tmp_path / "data"),
+                "--tokenizer",
+                str(tmp_path / "base"),
+            ]
+        )
+        == 0
+    )
+    args = [
+        "train",
+        "--data",
+        str(tmp_path / "data"),
+        "--out",
+        str(tmp_path / "ft"),
+        "--init-from",
+        str(tmp_path / "base"),
+        "--batch-size",
+        "4",
+        "--eval-interval",
+        "5",
+        "--no-progress",
+    ]
     assert main([*args, "--max-steps", "10"]) == 0
-    assert main(["train", "--resume", "--out", str(tmp_path / "ft"), "--max-steps", "15", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--resume",
+                "--out",
+                str(tmp_path / "ft"),
+                "--max-steps",
+                "15",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     summary = json.loads((tmp_path / "ft/summary.json").read_text())
     assert summary["steps"] == 15

@@ -34,7 +34,9 @@ def test_ignore_index_masks_positions():
     y = x.clone()
     y[:, :4] = IGNORE_INDEX
     logits, loss = model(x, y)
-    expected = torch.nn.functional.cross_entropy(logits[:, 4:].reshape(-1, 64), x[:, 4:].reshape(-1))
+    expected = torch.nn.functional.cross_entropy(
+        logits[:, 4:].reshape(-1, 64), x[:, 4:].reshape(-1)
+    )
     torch.testing.assert_close(loss, expected)
 
 

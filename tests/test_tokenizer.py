@@ -49,7 +49,10 @@ def test_save_and_load(tmp_path, char_tokenizer):
 
 def test_gpt2_vocab_and_merges(tmp_path):
     # A miniature GPT-2-format vocabulary: byte-level symbols ("Ġ" is the space byte) and merges.
-    vocab = {c: i for i, c in enumerate(["h", "e", "l", "o", "Ġ", "w", "r", "d", "he", "ll", "hell", "hello"])}
+    vocab = {
+        c: i
+        for i, c in enumerate(["h", "e", "l", "o", "Ġ", "w", "r", "d", "he", "ll", "hell", "hello"])
+    }
     vocab[EOT] = len(vocab)
     (tmp_path / "vocab.json").write_text(json.dumps(vocab))
     (tmp_path / "merges.txt").write_text("#version: 0.2\nh e\nl l\nhe ll\nhell o\n")

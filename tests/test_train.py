@@ -31,13 +31,23 @@ def data_dir(tmp_path, corpus_file):
 
 
 def test_loss_falls_on_a_repetitive_corpus(tmp_path, data_dir):
-    cfg = TrainConfig(batch_size=16, max_steps=200, lr=1e-2, warmup_steps=10, eval_interval=100, log_interval=5)
-    result = pretrain(data_dir, tmp_path / "run", ModelConfig(**{**TINY, "n_embd": 64}), cfg, progress=False)
+    cfg = TrainConfig(
+        batch_size=16, max_steps=200, lr=1e-2, warmup_steps=10, eval_interval=100, log_interval=5
+    )
+    result = pretrain(
+        data_dir, tmp_path / "run", ModelConfig(**{**TINY, "n_embd": 64}), cfg, progress=False
+    )
     first = losses(tmp_path / "run")[1]
     assert first > 5.0  # ≈ ln(320): a fresh model knows nothing
     assert result.final_val_loss < 0.4
     assert result.steps == 200 and result.stopped_by == "max_steps"
-    for name in ("best/model.safetensors", "latest/trainer_state.pt", "loss.png", "summary.json", "tokenizer.json"):
+    for name in (
+        "best/model.safetensors",
+        "latest/trainer_state.pt",
+        "loss.png",
+        "summary.json",
+        "tokenizer.json",
+    ):
         assert (tmp_path / "run" / name).is_file()
     summary = json.loads((tmp_path / "run/summary.json").read_text())
     assert summary["tokens"] == 200 * 16 * 32
@@ -52,7 +62,11 @@ def test_lr_schedule_warms_up_then_decays():
 
 
 def _run(run_dir, tokens, tok, cfg, resume=False, interrupt_after_batches=None):
-    model = GPT(ModelConfig(**TINY, vocab_size=tok.vocab_size)) if not resume else load_checkpoint(run_dir / "latest")[0]
+    model = (
+        GPT(ModelConfig(**TINY, vocab_size=tok.vocab_size))
+        if not resume
+        else load_checkpoint(run_dir / "latest")[0]
+    )
     batches = RandomWindows(tokens, 32, cfg.batch_size, cfg.seed)
     if interrupt_after_batches is not None:
         draw, count = batches.next_batch, [0]
@@ -64,14 +78,24 @@ def _run(run_dir, tokens, tok, cfg, resume=False, interrupt_after_batches=None):
             return draw()
 
         batches.next_batch = next_batch
-    return fit(model, tok, batches, tokens[:500], cfg, run_dir, Dist(), resume=resume, progress=False)
+    return fit(
+        model, tok, batches, tokens[:500], cfg, run_dir, Dist(), resume=resume, progress=False
+    )
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, char_tokenizer, optimizer):
     tokens = np.asarray(char_tokenizer.encode(CORPUS), dtype=np.uint16)
-    cfg = TrainConfig(batch_size=4, grad_accum=2, max_steps=30, lr=3e-3, warmup_steps=5, eval_interval=10,
-                      log_interval=1, optimizer=optimizer)
+    cfg = TrainConfig(
+        batch_size=4,
+        grad_accum=2,
+        max_steps=30,
+        lr=3e-3,
+        warmup_steps=5,
+        eval_interval=10,
+        log_interval=1,
+        optimizer=optimizer,
+    )
     (tmp_path / "a").mkdir()
     torch.manual_seed(0)
     _run(tmp_path / "a", tokens, char_tokenizer, cfg)
@@ -99,7 +123,9 @@ def test_gradient_accumulation_equals_a_big_batch(tmp_path, char_tokenizer):
     for name, batch, accum in (("big", 8, 1), ("accum", 4, 2)):
         torch.manual_seed(0)
         model = GPT(ModelConfig(**TINY, vocab_size=char_tokenizer.vocab_size))
-        cfg = TrainConfig(batch_size=batch, grad_accum=accum, max_steps=5, eval_interval=100, log_interval=1)
+        cfg = TrainConfig(
+            batch_size=batch, grad_accum=accum, max_steps=5, eval_interval=100, log_interval=1
+        )
         (tmp_path / name).mkdir()
         # the accumulating run draws 4 + 4 windows per step from the same stream as one draw of 8
         batches = RandomWindows(tokens, 32, batch, 0)
@@ -114,7 +140,16 @@ def test_gradient_accumulation_equals_a_big_batch(tmp_path, char_tokenizer):
                 return queue.pop()
 
             batches.next_batch = next_batch
-        fit(model, char_tokenizer, batches, tokens[:300], cfg, tmp_path / name, Dist(), progress=False)
+        fit(
+            model,
+            char_tokenizer,
+            batches,
+            tokens[:300],
+            cfg,
+            tmp_path / name,
+            Dist(),
+            progress=False,
+        )
         results.append(model.state_dict())
     for name, p in results[0].items():
         torch.testing.assert_close(p, results[1][name], atol=2e-6, rtol=1e-5, msg=name)
@@ -173,16 +208,62 @@ def test_time_budget_stops_training(tmp_path, data_dir):
 
 
 def test_two_process_ddp_matches_single_process(tmp_path, data_dir):
-    common = ["train", "--data", str(data_dir), "--n-layer", "2", "--n-head", "2", "--n-embd", "32",
-              "--block-size", "32", "--max-steps", "8", "--eval-interval", "4", "--log-interval", "1"]
+    common = [
+        "train",
+        "--data",
+        str(data_dir),
+        "--n-layer",
+        "2",
+        "--n-head",
+        "2",
+        "--n-embd",
+        "32",
+        "--block-size",
+        "32",
+        "--max-steps",
+        "8",
+        "--eval-interval",
+        "4",
+        "--log-interval",
+        "1",
+    ]
     common += ["--lr", "3e-3", "--warmup-steps", "2", "--no-progress", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single = subprocess.run([sys.executable, "-m", "omnigpt", *common, "--batch-size", "8", "--out",
-                             str(tmp_path / "single")], env=env, capture_output=True, text=True)
+    single = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "omnigpt",
+            *common,
+            "--batch-size",
+            "8",
+            "--out",
+            str(tmp_path / "single"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert single.returncode == 0, single.stderr
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "-m", "omnigpt", *common, "--batch-size", "4", "--out", str(tmp_path / "ddp")],
-                         env=env, capture_output=True, text=True)
+    ddp = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "omnigpt",
+            *common,
+            "--batch-size",
+            "4",
+            "--out",
+            str(tmp_path / "ddp"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert ddp.returncode == 0, ddp.stderr
     a, b = losses(tmp_path / "single"), losses(tmp_path / "ddp")
     assert a.keys() == b.keys() and len(a) >= 2

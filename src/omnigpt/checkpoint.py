@@ -68,7 +68,9 @@ def resolve(path: str | Path) -> Path:
             return old
     if not path.exists():
         raise OmnigptError(f"{path}: no such checkpoint or run folder")
-    raise OmnigptError(f"{path}: no checkpoint here (expected {WEIGHTS}, or best/ or latest/ inside)")
+    raise OmnigptError(
+        f"{path}: no checkpoint here (expected {WEIGHTS}, or best/ or latest/ inside)"
+    )
 
 
 def save_checkpoint(
@@ -108,12 +110,16 @@ def load_checkpoint(
     folder = resolve(path)
     config = load_json(folder / CONFIG)
     if "model" not in config:
-        raise OmnigptError(f"{folder / CONFIG}: not an omnigpt checkpoint config (no 'model' entry)")
+        raise OmnigptError(
+            f"{folder / CONFIG}: not an omnigpt checkpoint config (no 'model' entry)"
+        )
     model_cfg = ModelConfig.from_dict(config["model"])
     tokenizer = Tokenizer.load(tokenizer_path or folder)
     expected = config.get("tokenizer_fingerprint")
     if tokenizer_path is not None and expected and tokenizer.fingerprint != expected:
-        raise OmnigptError(f"tokenizer {tokenizer_path} does not match checkpoint {folder} (it was trained with another)")
+        raise OmnigptError(
+            f"tokenizer {tokenizer_path} does not match checkpoint {folder} (it was trained with another)"
+        )
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise OmnigptError(
             f"tokenizer has {tokenizer.vocab_size} tokens but checkpoint {folder} has only {model_cfg.vocab_size}"

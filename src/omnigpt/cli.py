@@ -24,99 +24,231 @@ BUILTIN_TOKENIZER = "bpe:4096"
 
 
 def _prepare_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("inputs", nargs="+", help="text files, folders (searched recursively) or .jsonl files")
-    p.add_argument("--out", required=True, help="folder to write train.bin, val.bin, tokenizer.json, meta.json")
-    p.add_argument("--tokenizer", default=BUILTIN_TOKENIZER,
-                   help="bpe:VOCAB_SIZE to train byte-level BPE, char for characters, or a tokenizer file/folder")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="share of tokens held out for validation")
+    p.add_argument(
+        "inputs", nargs="+", help="text files, folders (searched recursively) or .jsonl files"
+    )
+    p.add_argument(
+        "--out", required=True, help="folder to write train.bin, val.bin, tokenizer.json, meta.json"
+    )
+    p.add_argument(
+        "--tokenizer",
+        default=BUILTIN_TOKENIZER,
+        help="bpe:VOCAB_SIZE to train byte-level BPE, char for characters, or a tokenizer file/folder",
+    )
+    p.add_argument(
+        "--val-fraction", type=float, default=0.1, help="share of tokens held out for validation"
+    )
     p.add_argument("--text-field", default="text", help="field holding the text in .jsonl lines")
-    p.add_argument("--skip-bad-files", action="store_true", help="skip unreadable or non-UTF-8 files instead of stopping")
-    p.add_argument("--seed", type=int, default=0, help="seed for the document shuffle before the split")
+    p.add_argument(
+        "--skip-bad-files",
+        action="store_true",
+        help="skip unreadable or non-UTF-8 files instead of stopping",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed for the document shuffle before the split"
+    )
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
     d = TrainConfig()
-    p.add_argument("--data", help="folder made by `omnigpt prepare` (default: the Python standard library, "
-                                  f"prepared into {BUILTIN_DATA} on first use)")
-    p.add_argument("--out", help="run folder for checkpoints and logs (default: runs/run-DATE-TIME)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    p.add_argument("--init-from", help="start from this checkpoint's weights instead of random ones")
+    p.add_argument(
+        "--data",
+        help="folder made by `omnigpt prepare` (default: the Python standard library, "
+        f"prepared into {BUILTIN_DATA} on first use)",
+    )
+    p.add_argument(
+        "--out", help="run folder for checkpoints and logs (default: runs/run-DATE-TIME)"
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its latest checkpoint"
+    )
+    p.add_argument(
+        "--init-from", help="start from this checkpoint's weights instead of random ones"
+    )
     g = p.add_argument_group("model")
     g.add_argument("--preset", default="micro", help=f"model shape: {', '.join(PRESETS)}")
-    g.add_argument("--n-layer", type=int, help="number of Transformer blocks (overrides the preset)")
+    g.add_argument(
+        "--n-layer", type=int, help="number of Transformer blocks (overrides the preset)"
+    )
     g.add_argument("--n-head", type=int, help="attention heads per block (overrides the preset)")
     g.add_argument("--n-embd", type=int, help="model width (overrides the preset)")
     g.add_argument("--block-size", type=int, help="context length in tokens (overrides the preset)")
-    g.add_argument("--pos-encoding", choices=["learned", "sinusoidal", "rope"], help="positional encoding")
+    g.add_argument(
+        "--pos-encoding", choices=["learned", "sinusoidal", "rope"], help="positional encoding"
+    )
     g.add_argument("--mlp", choices=["gelu", "swiglu"], help="feed-forward kind")
     g.add_argument("--norm", choices=["layernorm", "rmsnorm"], help="normalisation kind")
     g.add_argument("--dropout", type=float, help="dropout probability (default 0)")
     g.add_argument("--untie", action="store_true", help="give the LM head its own weights")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per micro-batch per process")
-    g.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
-    g.add_argument("--max-steps", type=int, help=f"stop after this many optimizer steps (default {d.max_steps})")
-    g.add_argument("--max-seconds", type=float, help="stop after this much training time (the LR schedule fits it)")
-    g.add_argument("--optimizer", choices=["adamw", "muon"], default=d.optimizer,
-                   help="adamw, or muon (Muon for weight matrices, AdamW for the rest)")
+    g.add_argument(
+        "--batch-size", type=int, default=d.batch_size, help="sequences per micro-batch per process"
+    )
+    g.add_argument(
+        "--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step"
+    )
+    g.add_argument(
+        "--max-steps",
+        type=int,
+        help=f"stop after this many optimizer steps (default {d.max_steps})",
+    )
+    g.add_argument(
+        "--max-seconds",
+        type=float,
+        help="stop after this much training time (the LR schedule fits it)",
+    )
+    g.add_argument(
+        "--optimizer",
+        choices=["adamw", "muon"],
+        default=d.optimizer,
+        help="adamw, or muon (Muon for weight matrices, AdamW for the rest)",
+    )
     g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (AdamW parameters)")
-    g.add_argument("--muon-lr", type=float, default=d.muon_lr, help="peak learning rate of Muon's matrices")
+    g.add_argument(
+        "--muon-lr", type=float, default=d.muon_lr, help="peak learning rate of Muon's matrices"
+    )
     g.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear warmup steps")
-    g.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="final LR as a fraction of the peak")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="decoupled weight decay")
-    g.add_argument("--grad-clip", type=float, default=d.grad_clip, help="clip gradient norm (0: off)")
-    g.add_argument("--eval-interval", type=int, default=d.eval_interval, help="steps between evaluations and checkpoints")
-    g.add_argument("--eval-batches", type=int, default=d.eval_batches, help="val batches per evaluation (0: all)")
-    g.add_argument("--log-interval", type=int, default=d.log_interval, help="steps between metrics.jsonl records")
-    g.add_argument("--early-stop-patience", type=int, default=0, help="stop after N evaluations without improvement (0: never)")
-    g.add_argument("--seed", type=int, default=d.seed, help="random seed (data order, initialisation)")
+    g.add_argument(
+        "--min-lr-ratio",
+        type=float,
+        default=d.min_lr_ratio,
+        help="final LR as a fraction of the peak",
+    )
+    g.add_argument(
+        "--weight-decay", type=float, default=d.weight_decay, help="decoupled weight decay"
+    )
+    g.add_argument(
+        "--grad-clip", type=float, default=d.grad_clip, help="clip gradient norm (0: off)"
+    )
+    g.add_argument(
+        "--eval-interval",
+        type=int,
+        default=d.eval_interval,
+        help="steps between evaluations and checkpoints",
+    )
+    g.add_argument(
+        "--eval-batches",
+        type=int,
+        default=d.eval_batches,
+        help="val batches per evaluation (0: all)",
+    )
+    g.add_argument(
+        "--log-interval",
+        type=int,
+        default=d.log_interval,
+        help="steps between metrics.jsonl records",
+    )
+    g.add_argument(
+        "--early-stop-patience",
+        type=int,
+        default=0,
+        help="stop after N evaluations without improvement (0: never)",
+    )
+    g.add_argument(
+        "--seed", type=int, default=d.seed, help="random seed (data order, initialisation)"
+    )
     g.add_argument("--compile", action="store_true", help="compile the model with torch.compile")
-    g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="auto: bf16 autocast on GPU, fp32 on CPU; bf16 also speeds up CPUs with AMX")
+    g.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="auto: bf16 autocast on GPU, fp32 on CPU; bf16 also speeds up CPUs with AMX",
+    )
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompts", nargs="*", help="prompts; none (or -) reads one prompt from stdin")
-    p.add_argument("--model", required=True,
-                   help="run or checkpoint folder, Hugging Face GPT-2 folder, or Hub name in the local HF cache")
-    p.add_argument("--tokenizer", help="tokenizer file to use instead of the checkpoint's (must match it)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="run or checkpoint folder, Hugging Face GPT-2 folder, or Hub name in the local HF cache",
+    )
+    p.add_argument(
+        "--tokenizer", help="tokenizer file to use instead of the checkpoint's (must match it)"
+    )
     p.add_argument("--prompt-file", help="file with one prompt per line")
-    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate per completion")
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0: greedy)")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=200, help="tokens to generate per completion"
+    )
+    p.add_argument(
+        "--temperature", type=float, default=0.8, help="sampling temperature (0: greedy)"
+    )
     p.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
-    p.add_argument("--top-p", type=float, help="sample among the most likely tokens holding this much probability")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeating tokens")
-    p.add_argument("--stop", action="append", default=[], help="stop a completion at this string (repeatable)")
-    p.add_argument("--no-eot-stop", action="store_true", help="keep generating past the end-of-text token")
+    p.add_argument(
+        "--top-p",
+        type=float,
+        help="sample among the most likely tokens holding this much probability",
+    )
+    p.add_argument(
+        "--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeating tokens"
+    )
+    p.add_argument(
+        "--stop", action="append", default=[], help="stop a completion at this string (repeatable)"
+    )
+    p.add_argument(
+        "--no-eot-stop", action="store_true", help="keep generating past the end-of-text token"
+    )
     p.add_argument("--num-samples", type=int, default=1, help="completions per prompt")
-    p.add_argument("--no-token-healing", action="store_true",
-                   help="keep the prompt's last token as typed (by default it is re-chosen, so 'def ' works)")
+    p.add_argument(
+        "--no-token-healing",
+        action="store_true",
+        help="keep the prompt's last token as typed (by default it is re-chosen, so 'def ' works)",
+    )
     p.add_argument("--seed", type=int, help="random seed for sampling")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
 
 
 def _convert_args(p: argparse.ArgumentParser) -> None:
     way = p.add_mutually_exclusive_group(required=True)
-    way.add_argument("--from-hf", metavar="DIR_OR_NAME",
-                     help="a Hugging Face GPT-2 folder or cached Hub name to convert into an omnigpt checkpoint")
-    way.add_argument("--to-hf", metavar="RUN", help="an omnigpt run or checkpoint to export in GPT-2 format")
-    p.add_argument("--out", required=True, help="folder to write (must not hold a checkpoint already)")
+    way.add_argument(
+        "--from-hf",
+        metavar="DIR_OR_NAME",
+        help="a Hugging Face GPT-2 folder or cached Hub name to convert into an omnigpt checkpoint",
+    )
+    way.add_argument(
+        "--to-hf", metavar="RUN", help="an omnigpt run or checkpoint to export in GPT-2 format"
+    )
+    p.add_argument(
+        "--out", required=True, help="folder to write (must not hold a checkpoint already)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="omnigpt", description="Build, train and run GPT-style language models.")
+    parser = argparse.ArgumentParser(
+        prog="omnigpt", description="Build, train and run GPT-style language models."
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _prepare_args(sub.add_parser("prepare", help="tokenize a text corpus into train/val token files",
-                                 description="Tokenize a text corpus into train/val token files."))
-    _train_args(sub.add_parser("train", help="pretrain a GPT on prepared data (default: Python stdlib)",
-                               description="Pretrain a GPT by next-token prediction."))
-    _generate_args(sub.add_parser("generate", help="generate text from a trained model",
-                                  description="Generate text from a trained model, streaming to the terminal."))
-    _convert_args(sub.add_parser("convert", help="convert to or from the Hugging Face GPT-2 format",
-                                 description="Convert checkpoints to or from the Hugging Face GPT-2 format."))
+    _prepare_args(
+        sub.add_parser(
+            "prepare",
+            help="tokenize a text corpus into train/val token files",
+            description="Tokenize a text corpus into train/val token files.",
+        )
+    )
+    _train_args(
+        sub.add_parser(
+            "train",
+            help="pretrain a GPT on prepared data (default: Python stdlib)",
+            description="Pretrain a GPT by next-token prediction.",
+        )
+    )
+    _generate_args(
+        sub.add_parser(
+            "generate",
+            help="generate text from a trained model",
+            description="Generate text from a trained model, streaming to the terminal.",
+        )
+    )
+    _convert_args(
+        sub.add_parser(
+            "convert",
+            help="convert to or from the Hugging Face GPT-2 format",
+            description="Convert checkpoints to or from the Hugging Face GPT-2 format.",
+        )
+    )
     return parser
 
 
@@ -135,8 +267,15 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.exists() and not (out / "meta.json").is_file():
         raise OmnigptError(f"{out} exists and is not a prepared data folder; choose another --out")
-    summary = prepare(args.inputs, out, args.tokenizer, args.val_fraction, args.text_field,
-                      args.skip_bad_files, args.seed)
+    summary = prepare(
+        args.inputs,
+        out,
+        args.tokenizer,
+        args.val_fraction,
+        args.text_field,
+        args.skip_bad_files,
+        args.seed,
+    )
     print(summary)
 
 
@@ -151,29 +290,72 @@ def cmd_train(args: argparse.Namespace) -> None:
     else:
         data = Path(args.data) if args.data else _builtin_data()
         if not (data / "train.bin").is_file():
-            raise OmnigptError(f"{data}: not a prepared data folder (run `omnigpt prepare ... --out {data}`)")
-    overrides = {k: getattr(args, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "pos_encoding",
-                                               "mlp", "norm", "dropout") if getattr(args, k) is not None}
+            raise OmnigptError(
+                f"{data}: not a prepared data folder (run `omnigpt prepare ... --out {data}`)"
+            )
+    overrides = {
+        k: getattr(args, k)
+        for k in (
+            "n_layer",
+            "n_head",
+            "n_embd",
+            "block_size",
+            "pos_encoding",
+            "mlp",
+            "norm",
+            "dropout",
+        )
+        if getattr(args, k) is not None
+    }
     if args.untie:
         overrides["tie_embeddings"] = False
     model_cfg = ModelConfig.from_preset(args.preset, **overrides)
     train_cfg = TrainConfig(
-        batch_size=args.batch_size, grad_accum=args.grad_accum, max_steps=args.max_steps or TrainConfig.max_steps,
-        max_seconds=args.max_seconds, optimizer=args.optimizer, lr=args.lr, muon_lr=args.muon_lr,
-        min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
-        grad_clip=args.grad_clip, eval_interval=args.eval_interval, eval_batches=args.eval_batches,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        max_steps=args.max_steps or TrainConfig.max_steps,
+        max_seconds=args.max_seconds,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        muon_lr=args.muon_lr,
+        min_lr_ratio=args.min_lr_ratio,
+        warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip,
+        eval_interval=args.eval_interval,
+        eval_batches=args.eval_batches,
         log_interval=args.log_interval,
-        seed=args.seed, compile=args.compile, precision=args.precision, device=args.device, early_stop_patience=args.early_stop_patience,
+        seed=args.seed,
+        compile=args.compile,
+        precision=args.precision,
+        device=args.device,
+        early_stop_patience=args.early_stop_patience,
     )
-    # SIGTERM (a cluster pre-empting the job) saves and stops like Ctrl-C.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    budgets = {k: getattr(args, k) for k in ("max_steps", "max_seconds") if getattr(args, k) is not None}
-    result = pretrain(data, out, model_cfg, train_cfg, resume=args.resume, init_from=args.init_from,
-                      progress=not args.no_progress, resume_overrides=budgets)
+    signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
+    budgets = {
+        k: getattr(args, k) for k in ("max_steps", "max_seconds") if getattr(args, k) is not None
+    }
+    result = pretrain(
+        data,
+        out,
+        model_cfg,
+        train_cfg,
+        resume=args.resume,
+        init_from=args.init_from,
+        progress=not args.no_progress,
+        resume_overrides=budgets,
+    )
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"done: {result}")
-        print(f"run folder: {out}  (checkpoints: {out}/best, {out}/latest; loss curve: {out}/loss.png; "
-              f"metrics: {out}/metrics.jsonl)")
+        print(
+            f"run folder: {out}  (checkpoints: {out}/best, {out}/latest; loss curve: {out}/loss.png; "
+            f"metrics: {out}/metrics.jsonl)"
+        )
+
+
+def _stop_like_ctrl_c(signum, frame) -> None:
+    """SIGTERM (a cluster pre-empting the job) saves latest/ and stops, as Ctrl-C does."""
+    raise KeyboardInterrupt
 
 
 def _builtin_data() -> Path:
@@ -183,7 +365,9 @@ def _builtin_data() -> Path:
     from omnigpt.data import prepare, stdlib_corpus
 
     files = stdlib_corpus()
-    print(f"no --data given: preparing the built-in corpus ({len(files):,} Python standard library files)")
+    print(
+        f"no --data given: preparing the built-in corpus ({len(files):,} Python standard library files)"
+    )
     print(prepare(files, BUILTIN_DATA, BUILTIN_TOKENIZER))
     return BUILTIN_DATA
 
@@ -196,17 +380,29 @@ def cmd_generate(args: argparse.Namespace) -> None:
     prompts = [p for p in args.prompts if p != "-"]
     if args.prompt_file:
         try:
-            prompts += [line for line in Path(args.prompt_file).read_text(encoding="utf-8").splitlines() if line]
+            prompts += [
+                line
+                for line in Path(args.prompt_file).read_text(encoding="utf-8").splitlines()
+                if line
+            ]
         except (OSError, UnicodeDecodeError) as e:
             raise OmnigptError(f"{args.prompt_file}: cannot read prompts ({e})") from None
     if not prompts:
         if sys.stdin.isatty():
-            raise OmnigptError("no prompt: give one as an argument, with --prompt-file, or on stdin")
+            raise OmnigptError(
+                "no prompt: give one as an argument, with --prompt-file, or on stdin"
+            )
         prompts = [sys.stdin.read()]
     opts = GenerationOptions(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty, stop_at_eot=not args.no_eot_stop,
-        stop_strings=tuple(args.stop), num_samples=args.num_samples, seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        stop_at_eot=not args.no_eot_stop,
+        stop_strings=tuple(args.stop),
+        num_samples=args.num_samples,
+        seed=args.seed,
         token_healing=not args.no_token_healing,
     )
     model, tokenizer = load_model(args.model, pick_device(args.device), args.tokenizer)
@@ -234,16 +430,25 @@ def cmd_convert(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if args.from_hf:
         import_hf(args.from_hf, out)
-        print(f"converted {args.from_hf} → {out} (an omnigpt checkpoint: generate, fine-tune or --init-from it)")
+        print(
+            f"converted {args.from_hf} → {out} (an omnigpt checkpoint: generate, fine-tune or --init-from it)"
+        )
         return
     if (out / "model.safetensors").exists():
         raise OmnigptError(f"{out} already holds a model; choose another --out")
     model, tokenizer = load_model(args.to_hf)
     export_hf(model, tokenizer, out)
-    print(f"exported {args.to_hf} → {out} (GPT-2 format: transformers.AutoModelForCausalLM.from_pretrained)")
+    print(
+        f"exported {args.to_hf} → {out} (GPT-2 format: transformers.AutoModelForCausalLM.from_pretrained)"
+    )
 
 
-COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "generate": cmd_generate, "convert": cmd_convert}
+COMMANDS = {
+    "prepare": cmd_prepare,
+    "train": cmd_train,
+    "generate": cmd_generate,
+    "convert": cmd_convert,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,7 @@
 """Typed configuration: the model's shape, the training run, named presets, JSON round-trip.
 
-    cfg = ModelConfig.from_preset("gpt2", vocab_size=50257)
-    cfg = ModelConfig.from_dict(json.loads(path.read_text()))
+cfg = ModelConfig.from_preset("gpt2", vocab_size=50257)
+cfg = ModelConfig.from_dict(json.loads(path.read_text()))
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ class ModelConfig:
     pos_encoding: PosEncoding = "learned"
     rope_theta: float = 10000.0
     mlp: MLPKind = "gelu"
-    d_ff: int | None = None  # hidden width of the MLP; None: 4·n_embd (gelu) or ≈8/3·n_embd (swiglu)
+    d_ff: int | None = (
+        None  # hidden width of the MLP; None: 4·n_embd (gelu) or ≈8/3·n_embd (swiglu)
+    )
     norm: NormKind = "layernorm"
     norm_eps: float = 1e-5
     bias: bool = True  # biases in Linear layers and LayerNorm, as GPT-2
@@ -40,7 +42,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:
-            raise OmnigptError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+            raise OmnigptError(
+                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
+            )
         if self.pos_encoding not in ("learned", "sinusoidal", "rope"):
             raise OmnigptError(f"unknown pos_encoding {self.pos_encoding!r}")
         if self.mlp not in ("gelu", "swiglu"):
@@ -139,4 +143,3 @@ def load_json(path: Path) -> dict[str, Any]:
         raise OmnigptError(f"{path}: file not found") from None
     except json.JSONDecodeError as e:
         raise OmnigptError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-

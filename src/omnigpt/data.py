@@ -28,8 +28,21 @@ from omnigpt.errors import OmnigptError
 from omnigpt.model import IGNORE_INDEX
 from omnigpt.tokenizer import Tokenizer
 
-TEXT_SUFFIXES_SKIPPED = {".pyc", ".so", ".png", ".jpg", ".jpeg", ".gif", ".zip", ".gz", ".bin", ".exe"}
-ENCODE_BATCH_DOCS = 256  # documents per encode_batch call (the Rust side spreads them over all cores)
+TEXT_SUFFIXES_SKIPPED = {
+    ".pyc",
+    ".so",
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".gif",
+    ".zip",
+    ".gz",
+    ".bin",
+    ".exe",
+}
+ENCODE_BATCH_DOCS = (
+    256  # documents per encode_batch call (the Rust side spreads them over all cores)
+)
 
 
 # -- reading a corpus -----------------------------------------------------------------------------
@@ -42,8 +55,19 @@ def stdlib_corpus() -> list[Path]:
     `pydoc_data/`: data, not code, and repetitive enough to dominate what a small model learns.
     """
     root = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "encodings", "pydoc_data"}
-    files = [p for p in sorted(root.rglob("*.py")) if not skip.intersection(p.relative_to(root).parts)]
+    skip = {
+        "test",
+        "tests",
+        "idle_test",
+        "site-packages",
+        "dist-packages",
+        "__pycache__",
+        "encodings",
+        "pydoc_data",
+    }
+    files = [
+        p for p in sorted(root.rglob("*.py")) if not skip.intersection(p.relative_to(root).parts)
+    ]
     if not files:
         raise OmnigptError(f"no Python sources found under {root} for the built-in corpus")
     return files
@@ -65,8 +89,10 @@ def _expand(inputs: list[str | Path]) -> list[Path]:
         path = Path(item)
         if path.is_dir():
             found = [
-                p for p in sorted(path.rglob("*"))
-                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+                p
+                for p in sorted(path.rglob("*"))
+                if p.is_file()
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
                 and p.suffix.lower() not in TEXT_SUFFIXES_SKIPPED
             ]
             if not found:
@@ -140,7 +166,9 @@ def make_tokenizer(spec: str, docs: list[str]) -> Tokenizer:
         try:
             vocab_size = int(size or 4096)
         except ValueError:
-            raise OmnigptError(f"bad tokenizer spec {spec!r}; expected bpe:VOCAB_SIZE, e.g. bpe:4096") from None
+            raise OmnigptError(
+                f"bad tokenizer spec {spec!r}; expected bpe:VOCAB_SIZE, e.g. bpe:4096"
+            ) from None
         return Tokenizer.train_bpe(docs, vocab_size)
     return Tokenizer.load(spec)
 
@@ -178,9 +206,10 @@ def prepare(
 
     n_tokens = 0
     n_bytes = 0
-    with open(tmp / "all.bin", "wb") as f, tqdm(
-        total=len(docs), unit="doc", desc="tokenizing", disable=not progress
-    ) as bar:
+    with (
+        open(tmp / "all.bin", "wb") as f,
+        tqdm(total=len(docs), unit="doc", desc="tokenizing", disable=not progress) as bar,
+    ):
         for i in range(0, len(docs), ENCODE_BATCH_DOCS):
             batch = docs[i : i + ENCODE_BATCH_DOCS]
             for ids in tokenizer.encode_batch(batch):
@@ -199,7 +228,9 @@ def prepare(
     del tokens
     os.remove(tmp / "all.bin")
     tokenizer.save(tmp)
-    summary = PrepareSummary(len(docs), n_tokens, n_train, n_val, n_bytes / n_tokens, tokenizer.vocab_size, str(out_dir))
+    summary = PrepareSummary(
+        len(docs), n_tokens, n_train, n_val, n_bytes / n_tokens, tokenizer.vocab_size, str(out_dir)
+    )
     meta = {**summary.__dict__, "dtype": dtype.name, "tokenizer_fingerprint": tokenizer.fingerprint}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     if out_dir.exists():
@@ -231,8 +262,15 @@ class RandomWindows:
     the whole global batch would see.
     """
 
-    def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        block_size: int,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         if len(tokens) < block_size + 2:
             raise OmnigptError(
                 f"only {len(tokens)} tokens: too few for windows of {block_size} (use a smaller --block-size)"
@@ -250,7 +288,9 @@ class RandomWindows:
             len(self.tokens) - T - 1, (self.batch_size * self.world_size,), generator=self.generator
         )
         mine = offsets[self.rank * self.batch_size : (self.rank + 1) * self.batch_size].tolist()
-        windows = torch.from_numpy(np.stack([self.tokens[i : i + T + 1] for i in mine]).astype(np.int64))
+        windows = torch.from_numpy(
+            np.stack([self.tokens[i : i + T + 1] for i in mine]).astype(np.int64)
+        )
         return windows[:, :-1], windows[:, 1:]
 
     def state_dict(self) -> dict:
@@ -261,8 +301,12 @@ class RandomWindows:
 
 
 def sequential_windows(
-    tokens: np.ndarray, block_size: int, batch_size: int, max_batches: int = 0,
-    rank: int = 0, world_size: int = 1,
+    tokens: np.ndarray,
+    block_size: int,
+    batch_size: int,
+    max_batches: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Non-overlapping windows covering the whole split once (every token but the first is a target).
 

@@ -51,7 +51,9 @@ class GenerationOptions:
 # -- sampling: pure functions of logits ----------------------------------------------------------
 
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+def apply_repetition_penalty(
+    logits: torch.Tensor, seen: torch.Tensor, penalty: float
+) -> torch.Tensor:
     """CTRL-style penalty: logits (B, V) of tokens marked in `seen` (B, V, bool) are divided by
     `penalty` when positive and multiplied by it when negative."""
     if penalty == 1.0:
@@ -79,7 +81,8 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
 def sample_next(
     logits: torch.Tensor, opts: GenerationOptions, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Picks the next token (B,) from last-position logits (B, V) after penalty-free filtering."""
+    """The next token (B,) from last-position logits (B, V): the argmax at temperature 0, else a sample
+    after temperature, top-k and top-p."""
     if opts.temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / opts.temperature
@@ -94,7 +97,9 @@ def sample_next(
 # -- the engine ----------------------------------------------------------------------------------
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(
+    prompts: Sequence[Sequence[int]], pad_id: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids (B, T) with prompts right-aligned, and the number of pad tokens before each (B,)."""
     T = max(len(p) for p in prompts)
     tokens = torch.full((len(prompts), T), pad_id, dtype=torch.long)
@@ -126,7 +131,9 @@ def generate_tokens(
     block_size = model.config.block_size
     longest = max(len(p) for p in prompts)
     if longest > block_size:
-        raise OmnigptError(f"prompt of {longest} tokens is longer than the model's context of {block_size}")
+        raise OmnigptError(
+            f"prompt of {longest} tokens is longer than the model's context of {block_size}"
+        )
     max_new = min(opts.max_new_tokens, block_size - longest)
     device = model.wte.weight.device
     generator = None
@@ -143,9 +150,13 @@ def generate_tokens(
         key_valid = torch.arange(total, device=device)[None] >= pads[:, None]  # (B, total)
         causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
         mask = causal[None, None] & key_valid[:, None, None, :T]  # (B, 1, T, T)
-        mask |= torch.eye(T, dtype=torch.bool, device=device)  # pad rows attend to themselves: no NaN
+        mask |= torch.eye(
+            T, dtype=torch.bool, device=device
+        )  # pad rows attend to themselves: no NaN
         positions = (torch.arange(T, device=device)[None] - pads[:, None]).clamp(min=0)
-        logits, _ = model(tokens, positions=positions, attn_mask=mask, caches=caches, last_only=True)
+        logits, _ = model(
+            tokens, positions=positions, attn_mask=mask, caches=caches, last_only=True
+        )
     else:
         logits, _ = model(tokens, caches=caches, last_only=True)
 
@@ -190,8 +201,13 @@ def generate_tokens(
             break
         pos = T + step  # cache index of the token being fed
         if padded:
-            logits, _ = model(next_ids[:, None], positions=(pos - pads)[:, None],
-                              attn_mask=key_valid[:, None, None, : pos + 1], caches=caches, start_pos=pos)
+            logits, _ = model(
+                next_ids[:, None],
+                positions=(pos - pads)[:, None],
+                attn_mask=key_valid[:, None, None, : pos + 1],
+                caches=caches,
+                start_pos=pos,
+            )
         else:
             logits, _ = model(next_ids[:, None], caches=caches, start_pos=pos)
     out = out.tolist()
@@ -233,7 +249,9 @@ def generate_text(
             return False
         before = len(texts[row])
         texts[row] += piece
-        cut = _first_stop(texts[row], opts.stop_strings, max(0, before - _longest(opts.stop_strings)))
+        cut = _first_stop(
+            texts[row], opts.stop_strings, max(0, before - _longest(opts.stop_strings))
+        )
         if cut is not None:
             piece = texts[row][before:cut] if cut > before else ""
             texts[row] = texts[row][:cut]

@@ -52,7 +52,10 @@ GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # the tanh approximation o
 
 
 def _patterns(table: dict[str, str]) -> list[tuple[re.Pattern, str]]:
-    return [(re.compile("^" + re.escape(src).replace(r"\{\}", r"(\d+)") + "$"), dst) for src, dst in table.items()]
+    return [
+        (re.compile("^" + re.escape(src).replace(r"\{\}", r"(\d+)") + "$"), dst)
+        for src, dst in table.items()
+    ]
 
 
 TO_OURS = _patterns({hf: ours for ours, hf in GPT2_KEYS.items()})
@@ -82,18 +85,34 @@ def rename(state: dict[str, torch.Tensor], patterns, source: str) -> dict[str, t
 def config_from_hf(hf: dict, source: str) -> ModelConfig:
     arch = hf.get("model_type")
     if arch != "gpt2":
-        raise OmnigptError(f"{source}: unsupported architecture {arch!r} (omnigpt loads GPT-2 models)")
+        raise OmnigptError(
+            f"{source}: unsupported architecture {arch!r} (omnigpt loads GPT-2 models)"
+        )
     if hf.get("activation_function", "gelu_new") not in GPT2_ACTIVATIONS:
-        raise OmnigptError(f"{source}: unsupported activation {hf['activation_function']!r} (GPT-2 uses gelu_new)")
-    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
+        raise OmnigptError(
+            f"{source}: unsupported activation {hf['activation_function']!r} (GPT-2 uses gelu_new)"
+        )
+    for flag in (
+        "scale_attn_by_inverse_layer_idx",
+        "reorder_and_upcast_attn",
+        "add_cross_attention",
+    ):
         if hf.get(flag):
             raise OmnigptError(f"{source}: unsupported GPT-2 option {flag}=true")
     if hf.get("scale_attn_weights") is False:
         raise OmnigptError(f"{source}: unsupported GPT-2 option scale_attn_weights=false")
     return ModelConfig(
-        vocab_size=hf["vocab_size"], block_size=hf.get("n_positions", 1024), n_layer=hf["n_layer"],
-        n_head=hf["n_head"], n_embd=hf["n_embd"], d_ff=hf.get("n_inner"), pos_encoding="learned", mlp="gelu",
-        norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5), bias=True,
+        vocab_size=hf["vocab_size"],
+        block_size=hf.get("n_positions", 1024),
+        n_layer=hf["n_layer"],
+        n_head=hf["n_head"],
+        n_embd=hf["n_embd"],
+        d_ff=hf.get("n_inner"),
+        pos_encoding="learned",
+        mlp="gelu",
+        norm="layernorm",
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        bias=True,
         tie_embeddings=hf.get("tie_word_embeddings", True),
     )
 
@@ -111,7 +130,9 @@ def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise OmnigptError(f"{path}: corrupt, truncated or unsafe weights file ({str(e).splitlines()[0]})") from None
+            raise OmnigptError(
+                f"{path}: corrupt, truncated or unsafe weights file ({str(e).splitlines()[0]})"
+            ) from None
         if not isinstance(state, dict):
             raise OmnigptError(f"{path}: not a state dict")
         return state
@@ -152,17 +173,34 @@ def resolve_hub_name(name: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise OmnigptError(f"{name}: no such folder (install huggingface_hub to load Hub names)") from None
+        raise OmnigptError(
+            f"{name}: no such folder (install huggingface_hub to load Hub names)"
+        ) from None
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     # read at call time: huggingface_hub reads these variables once, when first imported
     home = os.environ.get("HF_HOME", os.path.join(os.path.expanduser("~"), ".cache", "huggingface"))
     cache = os.environ.get("HF_HUB_CACHE", os.path.join(home, "hub"))
-    patterns = ["config.json", "*.safetensors", "tokenizer.json", "vocab.json", "merges.txt", "generation_config.json"]
+    patterns = [
+        "config.json",
+        "*.safetensors",
+        "tokenizer.json",
+        "vocab.json",
+        "merges.txt",
+        "generation_config.json",
+    ]
     try:
-        return Path(snapshot_download(name, allow_patterns=patterns, local_files_only=offline, cache_dir=cache))
+        return Path(
+            snapshot_download(
+                name, allow_patterns=patterns, local_files_only=offline, cache_dir=cache
+            )
+        )
     except Exception:
         try:
-            return Path(snapshot_download(name, allow_patterns=patterns, local_files_only=True, cache_dir=cache))
+            return Path(
+                snapshot_download(
+                    name, allow_patterns=patterns, local_files_only=True, cache_dir=cache
+                )
+            )
         except Exception:
             raise OmnigptError(
                 f"{name}: no such folder, nor a model in the local Hugging Face cache "
@@ -170,11 +208,18 @@ def resolve_hub_name(name: str) -> Path:
             ) from None
 
 
-def load_model(path_or_name: str | Path, device: str | torch.device = "cpu",
-               tokenizer_path: str | Path | None = None) -> tuple[GPT, Tokenizer]:
+def load_model(
+    path_or_name: str | Path,
+    device: str | torch.device = "cpu",
+    tokenizer_path: str | Path | None = None,
+) -> tuple[GPT, Tokenizer]:
     """An omnigpt run or checkpoint folder, a Hugging Face GPT-2 folder, or a cached Hub name."""
     path = Path(path_or_name)
-    if not path.exists() and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", str(path_or_name)) and not str(path).startswith("."):
+    if (
+        not path.exists()
+        and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", str(path_or_name))
+        and not str(path).startswith(".")
+    ):
         path = resolve_hub_name(str(path_or_name))
     if is_hf_folder(path):
         model, tokenizer = load_hf(path)
@@ -190,12 +235,25 @@ def load_model(path_or_name: str | Path, device: str | torch.device = "cpu",
 def hf_config(cfg: ModelConfig, tokenizer: Tokenizer) -> dict:
     eot = tokenizer.eot_id
     return {
-        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "activation_function": "gelu_new",
-        "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size, "n_embd": cfg.n_embd,
-        "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": cfg.d_ff, "layer_norm_epsilon": cfg.norm_eps,
-        "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": eot, "eos_token_id": eot,
-        "attn_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "resid_pdrop": cfg.dropout,
-        "scale_attn_weights": True, "use_cache": True, "torch_dtype": "float32",
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "activation_function": "gelu_new",
+        "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.block_size,
+        "n_embd": cfg.n_embd,
+        "n_layer": cfg.n_layer,
+        "n_head": cfg.n_head,
+        "n_inner": cfg.d_ff,
+        "layer_norm_epsilon": cfg.norm_eps,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "bos_token_id": eot,
+        "eos_token_id": eot,
+        "attn_pdrop": cfg.dropout,
+        "embd_pdrop": cfg.dropout,
+        "resid_pdrop": cfg.dropout,
+        "scale_attn_weights": True,
+        "use_cache": True,
+        "torch_dtype": "float32",
     }
 
 
@@ -204,10 +262,16 @@ def export_hf(model: GPT, tokenizer: Tokenizer, out_dir: str | Path) -> None:
 
     Sinusoidal positions are exported as GPT-2's learned table filled with their fixed values."""
     cfg = model.config
-    reasons = [r for r, bad in (
-        ("rotary positions", cfg.pos_encoding == "rope"), ("RMSNorm", cfg.norm == "rmsnorm"),
-        ("SwiGLU", cfg.mlp == "swiglu"), ("Linear layers without bias", not cfg.bias),
-    ) if bad]
+    reasons = [
+        r
+        for r, bad in (
+            ("rotary positions", cfg.pos_encoding == "rope"),
+            ("RMSNorm", cfg.norm == "rmsnorm"),
+            ("SwiGLU", cfg.mlp == "swiglu"),
+            ("Linear layers without bias", not cfg.bias),
+        )
+        if bad
+    ]
     if reasons:
         raise OmnigptError(f"cannot export to GPT-2 format: GPT-2 has no {', '.join(reasons)}")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -219,16 +283,32 @@ def export_hf(model: GPT, tokenizer: Tokenizer, out_dir: str | Path) -> None:
     eot = tokenizer.eot_id
 
     def write(tmp: Path) -> None:
-        save_file({k: v.contiguous() for k, v in hf_state.items()}, str(tmp / "model.safetensors"),
-                  metadata={"format": "pt"})
+        save_file(
+            {k: v.contiguous() for k, v in hf_state.items()},
+            str(tmp / "model.safetensors"),
+            metadata={"format": "pt"},
+        )
         (tmp / "config.json").write_text(json.dumps(hf_config(cfg, tokenizer), indent=2) + "\n")
-        generation = {"bos_token_id": eot, "eos_token_id": eot, "do_sample": True, "max_length": cfg.block_size}
+        generation = {
+            "bos_token_id": eot,
+            "eos_token_id": eot,
+            "do_sample": True,
+            "max_length": cfg.block_size,
+        }
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         tokenizer.save(tmp)
         special = {"eos_token": EOT, "bos_token": EOT, "unk_token": EOT} if eot is not None else {}
-        (tmp / "tokenizer_config.json").write_text(json.dumps(
-            {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.block_size, **special}, indent=2
-        ) + "\n")
+        (tmp / "tokenizer_config.json").write_text(
+            json.dumps(
+                {
+                    "tokenizer_class": "PreTrainedTokenizerFast",
+                    "model_max_length": cfg.block_size,
+                    **special,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
 
     atomic_write_dir(Path(out_dir), write)
 
@@ -243,4 +323,3 @@ def import_hf(source: str | Path, out_dir: str | Path) -> Path:
         raise OmnigptError(f"{out_dir} already holds a checkpoint; choose another --out")
     save_checkpoint(out_dir, model, tokenizer, extra_config={"converted_from": str(source)})
     return out_dir
-

@@ -151,7 +151,9 @@ class Tokenizer:
     def token_texts(self) -> list[str]:
         """The text of every token id on its own (computed once, then cached)."""
         if getattr(self, "_token_texts", None) is None:
-            self._token_texts = [self.hf.decode([i], skip_special_tokens=False) for i in range(self.vocab_size)]
+            self._token_texts = [
+                self.hf.decode([i], skip_special_tokens=False) for i in range(self.vocab_size)
+            ]
         return self._token_texts
 
     def heal(self, ids: list[int]) -> tuple[list[int], list[int] | None]:
@@ -200,4 +202,3 @@ class StreamDecoder:
         full = decode(self.ids[self.prefix_offset :])
         self.prefix_offset = self.read_offset = len(self.ids)
         return full[len(prefix) :]
-

@@ -71,7 +71,9 @@ def setup_distributed(device_name: str = "auto") -> Dist:
 # -- optimisation ---------------------------------------------------------------------------------
 
 
-def build_optimizers(model: GPT, cfg: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:
+def build_optimizers(
+    model: GPT, cfg: TrainConfig, device: torch.device
+) -> list[torch.optim.Optimizer]:
     """AdamW for everything, or Muon for the blocks' weight matrices and AdamW for the rest.
 
     Weight decay applies to matrices and embeddings only, never to biases and norm gains.
@@ -99,7 +101,9 @@ def build_optimizers(model: GPT, cfg: TrainConfig, device: torch.device) -> list
     ]
     if muon:
         optimizers.append(
-            torch.optim.Muon(muon, lr=cfg.muon_lr, weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw")
+            torch.optim.Muon(
+                muon, lr=cfg.muon_lr, weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw"
+            )
         )
     for opt in optimizers:
         for group in opt.param_groups:
@@ -120,7 +124,11 @@ def lr_factor(step: int, progress: float, cfg: TrainConfig) -> float:
 
 @torch.no_grad()
 def evaluate_loss(
-    model: GPT, batches, device: torch.device, dist_info: Dist | None = None, precision: str = "auto"
+    model: GPT,
+    batches,
+    device: torch.device,
+    dist_info: Dist | None = None,
+    precision: str = "auto",
 ) -> float:
     """Mean next-token loss over every target token in `batches` (summed across processes)."""
     was_training = model.training
@@ -131,7 +139,10 @@ def evaluate_loss(
         with autocast(device, precision):
             logits, _ = model(x)
         loss = torch.nn.functional.cross_entropy(
-            logits.float().view(-1, logits.size(-1)), y.view(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+            logits.float().view(-1, logits.size(-1)),
+            y.view(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
         )
         total += torch.stack([loss.double(), (y != IGNORE_INDEX).sum().double()])
     if dist_info is not None and dist_info.world_size > 1:
@@ -202,7 +213,9 @@ def fit(
         train_model = DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * train_batches.block_size * dist_info.world_size
+    tokens_per_step = (
+        cfg.batch_size * cfg.grad_accum * train_batches.block_size * dist_info.world_size
+    )
     log_file = open(run_dir / "metrics.jsonl", "a") if dist_info.is_main else None
 
     def log(record: dict[str, Any]) -> None:
@@ -212,12 +225,18 @@ def fit(
 
     def run_eval() -> float:
         batches = sequential_windows(
-            val_tokens, train_batches.block_size, cfg.batch_size, cfg.eval_batches,
-            dist_info.rank, dist_info.world_size,
+            val_tokens,
+            train_batches.block_size,
+            cfg.batch_size,
+            cfg.eval_batches,
+            dist_info.rank,
+            dist_info.world_size,
         )
         return evaluate_loss(model, batches, device, dist_info, cfg.precision)
 
-    def save(folder: str, loader_state: dict | None = None, rng_state: torch.Tensor | None = None) -> None:
+    def save(
+        folder: str, loader_state: dict | None = None, rng_state: torch.Tensor | None = None
+    ) -> None:
         """Writes best/ (weights) or latest/ (weights and everything needed to resume)."""
         if not dist_info.is_main:
             return
@@ -227,8 +246,11 @@ def fit(
                 "optimizers": [opt.state_dict() for opt in optimizers],
                 "loader": loader_state if loader_state is not None else train_batches.state_dict(),
                 "torch_rng": rng_state if rng_state is not None else torch.get_rng_state(),
-                "step": step, "tokens": tokens_seen, "elapsed": elapsed_before + (time.time() - t0),
-                "best_val": best_val, "bad_evals": bad_evals,
+                "step": step,
+                "tokens": tokens_seen,
+                "elapsed": elapsed_before + (time.time() - t0),
+                "best_val": best_val,
+                "bad_evals": bad_evals,
             }
         save_checkpoint(run_dir / folder, model, tokenizer, trainer_state, extra_config)
 
@@ -236,8 +258,13 @@ def fit(
     window_t, window_tokens = time.time(), 0
     val_loss: float | None = None
     stopped_by = "max_steps"
-    bar = tqdm(total=cfg.max_steps, initial=step, unit="step", disable=not (progress and dist_info.is_main),
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.max_steps,
+        initial=step,
+        unit="step",
+        disable=not (progress and dist_info.is_main),
+        dynamic_ncols=True,
+    )
     model.train()
     loader_state, rng_state = train_batches.state_dict(), torch.get_rng_state()
     try:
@@ -256,19 +283,31 @@ def fit(
 
             # Normalise by the tokens of the whole step (all micro-batches, all processes), so that
             # accumulation and DDP give the same gradient as one big batch.
-            loader_state, rng_state = train_batches.state_dict(), torch.get_rng_state()  # for Ctrl-C
+            loader_state, rng_state = (
+                train_batches.state_dict(),
+                torch.get_rng_state(),
+            )  # for Ctrl-C
             micro = [train_batches.next_batch() for _ in range(cfg.grad_accum)]
-            n_tokens = torch.tensor(float(sum((y != IGNORE_INDEX).sum() for _, y in micro)), device=device)
+            n_tokens = torch.tensor(
+                float(sum((y != IGNORE_INDEX).sum() for _, y in micro)), device=device
+            )
             if dist_info.world_size > 1:
                 dist.all_reduce(n_tokens)
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # read only when logging (no GPU sync)
+            loss_sum = torch.zeros(
+                (), dtype=torch.float64, device=device
+            )  # read only when logging (no GPU sync)
             for i, (x, y) in enumerate(micro):
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 sync = i == len(micro) - 1 or dist_info.world_size == 1
-                with (contextlib.nullcontext() if sync else train_model.no_sync()), autocast(device, cfg.precision):
+                with (
+                    contextlib.nullcontext() if sync else train_model.no_sync(),
+                    autocast(device, cfg.precision),
+                ):
                     _, loss = train_model(x, y)
                     n = (y != IGNORE_INDEX).sum()
-                    scaled = loss * n * dist_info.world_size / n_tokens  # DDP averages over processes
+                    scaled = (
+                        loss * n * dist_info.world_size / n_tokens
+                    )  # DDP averages over processes
                 scaled.backward()
                 loss_sum += loss.detach().double() * n
             grad_norm = None
@@ -281,26 +320,47 @@ def fit(
             tokens_seen += tokens_per_step
             window_tokens += tokens_per_step
             if step % cfg.log_interval == 0 or step == 1:
-                if dist_info.world_size > 1:  # the loss over the global batch, as one process would see it
+                if (
+                    dist_info.world_size > 1
+                ):  # the loss over the global batch, as one process would see it
                     dist.all_reduce(loss_sum)
                 train_loss = loss_sum.item() / max(n_tokens.item(), 1)
                 now = time.time()
                 tps = window_tokens / max(now - window_t, 1e-9)
                 window_t, window_tokens = now, 0
-                log({"step": step, "loss": round(train_loss, 5), "lr": factor * cfg.lr, "grad_norm": None if grad_norm is None else round(grad_norm.item(), 4),
-                     "tokens": tokens_seen, "tokens_per_s": round(tps), "elapsed": round(elapsed_before + now - t0, 2)})
+                log(
+                    {
+                        "step": step,
+                        "loss": round(train_loss, 5),
+                        "lr": factor * cfg.lr,
+                        "grad_norm": None if grad_norm is None else round(grad_norm.item(), 4),
+                        "tokens": tokens_seen,
+                        "tokens_per_s": round(tps),
+                        "elapsed": round(elapsed_before + now - t0, 2),
+                    }
+                )
                 bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
                 if cfg.max_seconds:
-                    bar.set_description(f"{max(cfg.max_seconds - (elapsed_before + now - t0), 0):.0f}s left")
+                    bar.set_description(
+                        f"{max(cfg.max_seconds - (elapsed_before + now - t0), 0):.0f}s left"
+                    )
             bar.update(1)
 
             if step % cfg.eval_interval == 0 and step < cfg.max_steps:
                 val_loss = run_eval()
                 improved = val_loss < best_val
                 best_val, bad_evals = (val_loss, 0) if improved else (best_val, bad_evals + 1)
-                log({"step": step, "val_loss": round(val_loss, 5), "val_ppl": round(math.exp(val_loss), 3)})
+                log(
+                    {
+                        "step": step,
+                        "val_loss": round(val_loss, 5),
+                        "val_ppl": round(math.exp(val_loss), 3),
+                    }
+                )
                 if dist_info.is_main:
-                    bar.write(f"step {step}: val loss {val_loss:.4f} (perplexity {math.exp(val_loss):.2f})")
+                    bar.write(
+                        f"step {step}: val loss {val_loss:.4f} (perplexity {math.exp(val_loss):.2f})"
+                    )
                 save("latest")
                 if improved:
                     save("best")
@@ -323,7 +383,14 @@ def fit(
         best_val = val_loss
         save("best")
     save("latest")
-    log({"step": step, "val_loss": round(val_loss, 5), "val_ppl": round(math.exp(val_loss), 3), "final": True})
+    log(
+        {
+            "step": step,
+            "val_loss": round(val_loss, 5),
+            "val_ppl": round(math.exp(val_loss), 3),
+            "final": True,
+        }
+    )
     result = RunResult(str(run_dir), step, tokens_seen, seconds, val_loss, best_val, stopped_by)
     if dist_info.is_main:
         log_file.close()
@@ -393,12 +460,16 @@ def pretrain(
     dist_info = setup_distributed(train_cfg.device)
     if not resume:
         if (out_dir / "latest").exists() or (out_dir / "best").exists():
-            raise OmnigptError(f"{out_dir} already holds a run; pass --resume to continue it, or choose another --out")
+            raise OmnigptError(
+                f"{out_dir} already holds a run; pass --resume to continue it, or choose another --out"
+            )
         tokenizer = Tokenizer.load(data_dir)
         if init_from is not None:
             model, ckpt_tokenizer = load_checkpoint(init_from)
             if ckpt_tokenizer.fingerprint != tokenizer.fingerprint:
-                raise OmnigptError(f"{init_from} was trained with another tokenizer than {data_dir}")
+                raise OmnigptError(
+                    f"{init_from} was trained with another tokenizer than {data_dir}"
+                )
         else:
             assert model_cfg is not None
             model_cfg.vocab_size = padded_vocab(tokenizer.vocab_size)
@@ -408,20 +479,37 @@ def pretrain(
     if meta.get("tokenizer_fingerprint") not in (None, tokenizer.fingerprint):
         raise OmnigptError(f"tokenizer of {data_dir} does not match the model's tokenizer")
     train_tokens = load_tokens(data_dir / "train.bin")
-    val_tokens = load_tokens(data_dir / "val.bin") if (data_dir / "val.bin").stat().st_size else train_tokens
+    val_tokens = (
+        load_tokens(data_dir / "val.bin") if (data_dir / "val.bin").stat().st_size else train_tokens
+    )
     block_size = model.config.block_size
     torch.manual_seed(train_cfg.seed + dist_info.rank)  # dropout differs per process
-    batches = RandomWindows(train_tokens, block_size, train_cfg.batch_size, train_cfg.seed,
-                            dist_info.rank, dist_info.world_size)
+    batches = RandomWindows(
+        train_tokens,
+        block_size,
+        train_cfg.batch_size,
+        train_cfg.seed,
+        dist_info.rank,
+        dist_info.world_size,
+    )
     if dist_info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         print(model.describe())
-        print(f"training on {len(train_tokens):,} tokens from {data_dir}, validating on {len(val_tokens):,}; "
-              f"run folder {out_dir}")
+        print(
+            f"training on {len(train_tokens):,} tokens from {data_dir}, validating on {len(val_tokens):,}; "
+            f"run folder {out_dir}"
+        )
         if not resume:
-            save_json(out_dir / "config.json", {
-                "model": model.config.to_dict(), "train": train_cfg.to_dict(), "data": str(data_dir),
-                "tokenizer_fingerprint": tokenizer.fingerprint,
-            })
+            save_json(
+                out_dir / "config.json",
+                {
+                    "model": model.config.to_dict(),
+                    "train": train_cfg.to_dict(),
+                    "data": str(data_dir),
+                    "tokenizer_fingerprint": tokenizer.fingerprint,
+                },
+            )
             tokenizer.save(out_dir)
-    return fit(model, tokenizer, batches, val_tokens, train_cfg, out_dir, dist_info, resume, progress)
+    return fit(
+        model, tokenizer, batches, val_tokens, train_cfg, out_dir, dist_info, resume, progress
+    )

@@ -31,7 +31,9 @@ def sinusoidal_table(n_positions: int, dim: int) -> torch.Tensor:
     return table
 
 
-def rope_tables(n_positions: int, head_size: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(
+    n_positions: int, head_size: int, theta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin for rotary embedding, laid out for `rotate_half`: (n_positions, head_size) each."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
     angles = torch.outer(torch.arange(n_positions, dtype=torch.float32), inv_freq)
@@ -54,7 +56,9 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
 
-    def update(self, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, k: torch.Tensor, v: torch.Tensor, start: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Writes k, v (B, nh, T, hs) at positions start..start+T; returns all keys/values so far."""
         end = start + k.size(2)
         self.k[:, :, start:end] = k
@@ -62,15 +66,24 @@ class KVCache:
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
-def attention(q, k, v, mask: torch.Tensor | None, is_causal: bool, dropout_p: float) -> torch.Tensor:
+def attention(
+    q, k, v, mask: torch.Tensor | None, is_causal: bool, dropout_p: float
+) -> torch.Tensor:
     """scaled_dot_product_attention; under CPU bf16 autocast it runs in fp32, which CPU kernels do
     several times faster than bf16 (unlike matmuls, which AMX speeds up)."""
     if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
         with torch.autocast("cpu", enabled=False):
             return F.scaled_dot_product_attention(
-                q.float(), k.float(), v.float(), attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p
+                q.float(),
+                k.float(),
+                v.float(),
+                attn_mask=mask,
+                is_causal=is_causal,
+                dropout_p=dropout_p,
             )
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p
+    )
 
 
 class SelfAttention(nn.Module):
@@ -109,7 +122,9 @@ class SelfAttention(nn.Module):
                 is_causal = True
             else:  # a chunk appended to a cache: query i sees keys up to start_pos + i
                 mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(start_pos)
-        y = attention(q, k, v, mask, is_causal, self.dropout if self.training else 0.0)  # (B, nh, T, hs)
+        y = attention(
+            q, k, v, mask, is_causal, self.dropout if self.training else 0.0
+        )  # (B, nh, T, hs)
         y = y.to(x.dtype).transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 

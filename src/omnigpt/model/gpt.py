@@ -48,7 +48,11 @@ class GPT(nn.Module):
         """(Re)computes the fixed sinusoidal or rotary tables: buffers that are computed, never saved."""
         cfg = self.config
         if cfg.pos_encoding == "sinusoidal":
-            self.register_buffer("pos_table", sinusoidal_table(cfg.block_size, cfg.n_embd).to(device), persistent=False)
+            self.register_buffer(
+                "pos_table",
+                sinusoidal_table(cfg.block_size, cfg.n_embd).to(device),
+                persistent=False,
+            )
         elif cfg.pos_encoding == "rope":
             cos, sin = rope_tables(cfg.block_size, cfg.head_size, cfg.rope_theta)
             self.register_buffer("rope_cos", cos.to(device), persistent=False)
@@ -122,7 +126,9 @@ class GPT(nn.Module):
         B, T, _ = x.shape
         if positions is None:
             if start_pos + T > cfg.block_size:
-                raise ValueError(f"sequence of {start_pos + T} tokens exceeds the context of {cfg.block_size}")
+                raise ValueError(
+                    f"sequence of {start_pos + T} tokens exceeds the context of {cfg.block_size}"
+                )
             positions = torch.arange(start_pos, start_pos + T, device=x.device)[None]  # (1, T)
 
         rope = None
@@ -131,7 +137,10 @@ class GPT(nn.Module):
         elif cfg.pos_encoding == "sinusoidal":
             x = x + self.pos_table[positions]
         else:
-            rope = (self.rope_cos[positions][:, None], self.rope_sin[positions][:, None])  # (B|1, 1, T, hs)
+            rope = (
+                self.rope_cos[positions][:, None],
+                self.rope_sin[positions][:, None],
+            )  # (B|1, 1, T, hs)
         x = self.drop(x)
 
         for i, block in enumerate(self.h):
