@@ -60,9 +60,8 @@ def main() -> None:
 
     torch.manual_seed(0)
     ours = GPT(ModelConfig.from_preset("gpt2", vocab_size=VOCAB)).eval()
-    weight_bytes = (
-        ours.num_params() * 4
-    )  # fp32; the tied LM head is the embedding, read once per token
+    # fp32; the tied LM head is the embedding, read once per token
+    weight_bytes = ours.num_params() * 4
     hf = None
     if not args.skip_transformers:
         from transformers import GPT2Config, GPT2LMHeadModel

@@ -190,41 +190,20 @@ def test_hub_names_resolve_through_the_local_cache(tmp_path, bpe, monkeypatch):
         load_model("someone/not-cached")
 
 
+def greedy_cli(model) -> int:
+    """`omnigpt generate`: 5 greedy tokens after "def"."""
+    return main(
+        ["generate", "--model", str(model), "def", "--max-new-tokens", "5", "--temperature", "0"]
+    )
+
+
 def test_cli_convert_both_ways_and_generate(tmp_path, bpe, capsys):
     make_hf_model(tmp_path / "hf", bpe, SHAPES[0])
     assert main(["convert", "--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 0
     assert "converted" in capsys.readouterr().out
-    assert (
-        main(
-            [
-                "generate",
-                "--model",
-                str(tmp_path / "run"),
-                "def",
-                "--max-new-tokens",
-                "5",
-                "--temperature",
-                "0",
-            ]
-        )
-        == 0
-    )
+    assert greedy_cli(tmp_path / "run") == 0
     from_run = capsys.readouterr().out
-    assert (
-        main(
-            [
-                "generate",
-                "--model",
-                str(tmp_path / "hf"),
-                "def",
-                "--max-new-tokens",
-                "5",
-                "--temperature",
-                "0",
-            ]
-        )
-        == 0
-    )
+    assert greedy_cli(tmp_path / "hf") == 0
     assert capsys.readouterr().out == from_run  # the HF folder and its conversion generate alike
     assert main(["convert", "--to-hf", str(tmp_path / "run"), "--out", str(tmp_path / "back")]) == 0
     hf, info = transformers.AutoModelForCausalLM.from_pretrained(

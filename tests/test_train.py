@@ -24,6 +24,13 @@ def losses(run_dir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
+def assert_same_weights(checkpoint_a, checkpoint_b, atol: float, rtol: float) -> None:
+    a, _ = load_checkpoint(checkpoint_a)
+    b, _ = load_checkpoint(checkpoint_b)
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        torch.testing.assert_close(pa, pb, atol=atol, rtol=rtol, msg=name)
+
+
 @pytest.fixture
 def data_dir(tmp_path, corpus_file):
     prepare([corpus_file], tmp_path / "data", "char", progress=False)
@@ -111,10 +118,7 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, char_tokeni
     assert sorted(b) == list(range(1, 31))
     for step in range(18, 31):
         assert b[step] == pytest.approx(a[step], abs=1e-5), step
-    wa, _ = load_checkpoint(tmp_path / "a/latest")
-    wb, _ = load_checkpoint(tmp_path / "b/latest")
-    for (name, pa), pb in zip(wa.state_dict().items(), wb.state_dict().values(), strict=True):
-        torch.testing.assert_close(pa, pb, atol=1e-5, rtol=1e-5, msg=name)
+    assert_same_weights(tmp_path / "a/latest", tmp_path / "b/latest", atol=1e-5, rtol=1e-5)
 
 
 def test_gradient_accumulation_equals_a_big_batch(tmp_path, char_tokenizer):
@@ -269,7 +273,4 @@ def test_two_process_ddp_matches_single_process(tmp_path, data_dir):
     assert a.keys() == b.keys() and len(a) >= 2
     for step in a:
         assert b[step] == pytest.approx(a[step], abs=1e-5)
-    ma, _ = load_checkpoint(tmp_path / "single/latest")
-    mb, _ = load_checkpoint(tmp_path / "ddp/latest")
-    for (name, pa), pb in zip(ma.state_dict().items(), mb.state_dict().values(), strict=True):
-        torch.testing.assert_close(pa, pb, atol=1e-5, rtol=1e-4, msg=name)
+    assert_same_weights(tmp_path / "single/latest", tmp_path / "ddp/latest", atol=1e-5, rtol=1e-4)

@@ -150,9 +150,8 @@ def generate_tokens(
         key_valid = torch.arange(total, device=device)[None] >= pads[:, None]  # (B, total)
         causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
         mask = causal[None, None] & key_valid[:, None, None, :T]  # (B, 1, T, T)
-        mask |= torch.eye(
-            T, dtype=torch.bool, device=device
-        )  # pad rows attend to themselves: no NaN
+        # pad rows attend to themselves, so no row is all-masked (which would give NaN)
+        mask |= torch.eye(T, dtype=torch.bool, device=device)
         positions = (torch.arange(T, device=device)[None] - pads[:, None]).clamp(min=0)
         logits, _ = model(
             tokens, positions=positions, attn_mask=mask, caches=caches, last_only=True
@@ -237,7 +236,8 @@ def generate_text(
                 ids[row], first_allowed[row] = healed, allowed
     streams: list[StreamDecoder] = [tokenizer.stream() for _ in ids]
     texts = [""] * len(ids)
-    finished = [False] * len(ids)
+    finished = [False] * len(ids)  # by end-of-text or a stop string
+    stopped_by_string = [False] * len(ids)
     eot = tokenizer.eot_id
 
     def emit(row: int, piece: str) -> bool:
@@ -268,7 +268,6 @@ def generate_text(
             stop[row] = finished[row] = stopped_by_string[row] = emit(row, streams[row].push(token))
         return stop
 
-    stopped_by_string = [False] * len(ids)
     generate_tokens(model, ids, opts, eot, tokenizer.vocab_size, on_step, first_allowed)
     for row, stream in enumerate(streams):  # bytes of an unfinished character at the very end
         if not stopped_by_string[row]:

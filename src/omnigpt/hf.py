@@ -215,11 +215,8 @@ def load_model(
 ) -> tuple[GPT, Tokenizer]:
     """An omnigpt run or checkpoint folder, a Hugging Face GPT-2 folder, or a cached Hub name."""
     path = Path(path_or_name)
-    if (
-        not path.exists()
-        and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", str(path_or_name))
-        and not str(path).startswith(".")
-    ):
+    looks_like_hub_name = re.fullmatch(r"[\w-][\w.-]*(/[\w.-]+)?", str(path_or_name))
+    if not path.exists() and looks_like_hub_name:
         path = resolve_hub_name(str(path_or_name))
     if is_hf_folder(path):
         model, tokenizer = load_hf(path)

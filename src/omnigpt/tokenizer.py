@@ -41,6 +41,7 @@ class Tokenizer:
 
     def __init__(self, hf: HFTokenizer, kind: str = "bpe"):
         self.hf = hf
+        self._token_texts: list[str] | None = None  # see token_texts()
         self.kind = kind  # "bpe" | "char" | "gpt2" | "file": how it was made, for messages only
 
     # -- construction -------------------------------------------------------------------------
@@ -150,10 +151,9 @@ class Tokenizer:
 
     def token_texts(self) -> list[str]:
         """The text of every token id on its own (computed once, then cached)."""
-        if getattr(self, "_token_texts", None) is None:
-            self._token_texts = [
-                self.hf.decode([i], skip_special_tokens=False) for i in range(self.vocab_size)
-            ]
+        if self._token_texts is None:
+            ids = [[i] for i in range(self.vocab_size)]
+            self._token_texts = self.hf.decode_batch(ids, skip_special_tokens=False)
         return self._token_texts
 
     def heal(self, ids: list[int]) -> tuple[list[int], list[int] | None]:
@@ -187,9 +187,7 @@ class StreamDecoder:
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        decode = self.tokenizer.decode
-        prefix = decode(self.ids[self.prefix_offset : self.read_offset])
-        full = decode(self.ids[self.prefix_offset :])
+        prefix, full = self._tail()
         if full.endswith("\ufffd"):  # a multi-byte character is not complete yet
             return ""
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
@@ -197,8 +195,13 @@ class StreamDecoder:
 
     def flush(self) -> str:
         """Whatever is still held back (an incomplete character decodes as U+FFFD)."""
-        decode = self.tokenizer.decode
-        prefix = decode(self.ids[self.prefix_offset : self.read_offset])
-        full = decode(self.ids[self.prefix_offset :])
+        prefix, full = self._tail()
         self.prefix_offset = self.read_offset = len(self.ids)
         return full[len(prefix) :]
+
+    def _tail(self) -> tuple[str, str]:
+        """The already-printed context, and that context with the ids not yet printed."""
+        decode = self.tokenizer.decode
+        return decode(self.ids[self.prefix_offset : self.read_offset]), decode(
+            self.ids[self.prefix_offset :]
+        )

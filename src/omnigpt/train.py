@@ -283,19 +283,16 @@ def fit(
 
             # Normalise by the tokens of the whole step (all micro-batches, all processes), so that
             # accumulation and DDP give the same gradient as one big batch.
-            loader_state, rng_state = (
-                train_batches.state_dict(),
-                torch.get_rng_state(),
-            )  # for Ctrl-C
+            # where this step starts, for a Ctrl-C during it
+            loader_state, rng_state = train_batches.state_dict(), torch.get_rng_state()
             micro = [train_batches.next_batch() for _ in range(cfg.grad_accum)]
             n_tokens = torch.tensor(
                 float(sum((y != IGNORE_INDEX).sum() for _, y in micro)), device=device
             )
             if dist_info.world_size > 1:
                 dist.all_reduce(n_tokens)
-            loss_sum = torch.zeros(
-                (), dtype=torch.float64, device=device
-            )  # read only when logging (no GPU sync)
+            # read only when logging, so no step waits for the GPU
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             for i, (x, y) in enumerate(micro):
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 sync = i == len(micro) - 1 or dist_info.world_size == 1
@@ -305,9 +302,8 @@ def fit(
                 ):
                     _, loss = train_model(x, y)
                     n = (y != IGNORE_INDEX).sum()
-                    scaled = (
-                        loss * n * dist_info.world_size / n_tokens
-                    )  # DDP averages over processes
+                    # DDP averages gradients over processes, hence × world_size
+                    scaled = loss * n * dist_info.world_size / n_tokens
                 scaled.backward()
                 loss_sum += loss.detach().double() * n
             grad_norm = None
@@ -320,9 +316,8 @@ def fit(
             tokens_seen += tokens_per_step
             window_tokens += tokens_per_step
             if step % cfg.log_interval == 0 or step == 1:
-                if (
-                    dist_info.world_size > 1
-                ):  # the loss over the global batch, as one process would see it
+                # the loss over the global batch, as one process would see it
+                if dist_info.world_size > 1:
                     dist.all_reduce(loss_sum)
                 train_loss = loss_sum.item() / max(n_tokens.item(), 1)
                 now = time.time()
@@ -369,7 +364,8 @@ def fit(
                     stopped_by = "early_stopping"
                     break
     except KeyboardInterrupt:
-        # Save the state as of the last completed step: loader and RNG rewound to the interrupted step's start.
+        # Save the state as of the last completed step: loader and RNG rewound to the interrupted
+        # step's start.
         bar.close()
         save("latest", loader_state, rng_state)
         if log_file is not None:

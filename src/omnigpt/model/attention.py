@@ -122,9 +122,8 @@ class SelfAttention(nn.Module):
                 is_causal = True
             else:  # a chunk appended to a cache: query i sees keys up to start_pos + i
                 mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(start_pos)
-        y = attention(
-            q, k, v, mask, is_causal, self.dropout if self.training else 0.0
-        )  # (B, nh, T, hs)
+        dropout = self.dropout if self.training else 0.0
+        y = attention(q, k, v, mask, is_causal, dropout)  # (B, nh, T, hs)
         y = y.to(x.dtype).transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 

@@ -137,10 +137,8 @@ class GPT(nn.Module):
         elif cfg.pos_encoding == "sinusoidal":
             x = x + self.pos_table[positions]
         else:
-            rope = (
-                self.rope_cos[positions][:, None],
-                self.rope_sin[positions][:, None],
-            )  # (B|1, 1, T, hs)
+            # (B|1, 1, T, hs) each
+            rope = (self.rope_cos[positions][:, None], self.rope_sin[positions][:, None])
         x = self.drop(x)
 
         for i, block in enumerate(self.h):
