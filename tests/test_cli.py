@@ -28,7 +28,9 @@ def test_every_option_has_help():
             assert action.help, f"{parser.prog}: {action.option_strings or action.dest} has no help"
 
 
-@pytest.mark.parametrize("command", ["prepare", "train", "generate", "convert"])
+@pytest.mark.parametrize(
+    "command", ["prepare", "train", "finetune", "chat", "evaluate", "generate", "convert"]
+)
 def test_help_runs(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
@@ -242,3 +244,205 @@ def test_resume_extends_a_finished_run(trained_run, tmp_path, capsys):
     shutil.copytree(trained_run / "run", run)
     assert main(["train", "--resume", "--out", str(run), "--max-steps", "70", "--no-progress"]) == 0
     assert "70 steps" in capsys.readouterr().out
+
+
+# -- fine-tuning, evaluation and chat -------------------------------------------------------------
+
+PAIRS = [("def add", "return a + b"), ("def sub", "return a - b"), ("class Point", "self.x = x")]
+
+
+def _write_pairs(path: Path, n: int = 30) -> Path:
+    import json
+
+    lines = [
+        json.dumps({"prompt": PAIRS[i % 3][0] + ":\n", "completion": PAIRS[i % 3][1]})
+        for i in range(n)
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+FT_QUICK = ["--max-steps", "6", "--batch-size", "4", "--eval-interval", "3", "--no-progress"]
+
+
+def test_lora_finetune_evaluate_merge_and_export(trained_run, tmp_path, capsys):
+    data = _write_pairs(tmp_path / "pairs.jsonl")
+    run = tmp_path / "lora"
+    args = ["finetune", "--model", str(trained_run / "run"), "--data", str(data)]
+    assert main([*args, "--out", str(run), "--method", "lora", "--lora-rank", "2", *FT_QUICK]) == 0
+    out = capsys.readouterr().out
+    assert "LoRA rank 2" in out and "trainable parameters of" in out
+    assert (run / "best/adapter.safetensors").is_file()
+    assert not (run / "best/model.safetensors").exists()
+
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(run),
+                "--data",
+                str(data),
+                "--metric",
+                "exact_match",
+                "--metric",
+                "bleu",
+                "--metric",
+                "perplexity",
+                "--max-new-tokens",
+                "12",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "exact_match:" in out and "bleu:" in out and "perplexity:" in out
+    assert (run / "eval-pairs/summary.json").is_file()
+    assert len((run / "eval-pairs/predictions.jsonl").read_text().splitlines()) == 30
+
+    assert main(["convert", "--merge-lora", str(run), "--out", str(tmp_path / "merged")]) == 0
+    assert (tmp_path / "merged/model.safetensors").is_file()
+    assert main(["convert", "--to-hf", str(run), "--out", str(tmp_path / "hf")]) == 0
+    capsys.readouterr()
+    # the merged checkpoint and the exported folder generate what base + adapter generates
+    texts = []
+    for model in (run, tmp_path / "merged", tmp_path / "hf"):
+        assert (
+            main(
+                [
+                    "generate",
+                    "--model",
+                    str(model),
+                    "def ",
+                    "--temperature",
+                    "0",
+                    "--max-new-tokens",
+                    "20",
+                ]
+            )
+            == 0
+        )
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] == texts[2]
+
+
+def test_finetune_bad_data_fails_cleanly(trained_run, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(
+        '{"prompt": "a", "completion": "b"}\n{"prompt": "a"\n'
+        '{"messages": [{"role": "robot", "content": "x"}]}\n'
+    )
+    run = tmp_path / "run"
+    _fails_cleanly(
+        ["finetune", "--model", str(trained_run / "run"), "--data", str(bad), "--out", str(run)],
+        capsys,
+        "2 bad line(s): line 2: malformed JSON",
+    )
+    assert not run.exists()
+    _fails_cleanly(
+        [
+            "finetune",
+            "--model",
+            str(trained_run / "run"),
+            "--data",
+            str(bad),
+            "--method",
+            "partial",
+            "--out",
+            str(run),
+        ],
+        capsys,
+        "partial fine-tuning needs",
+    )
+
+
+def test_partial_finetune_resumes(trained_run, tmp_path, capsys):
+    data = _write_pairs(tmp_path / "pairs.jsonl")
+    run = tmp_path / "part"
+    args = ["finetune", "--model", str(trained_run / "run"), "--data", str(data), "--out", str(run)]
+    assert main([*args, "--method", "partial", "--last-blocks", "1", "--pack", *FT_QUICK]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                "--model",
+                "unused",
+                "--data",
+                str(data),
+                "--out",
+                str(run),
+                "--resume",
+                "--max-steps",
+                "9",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert "9 steps" in capsys.readouterr().out
+
+
+def test_chat_streams_replies_and_keeps_history(trained_run, tmp_path):
+    data = tmp_path / "chat.jsonl"
+    data.write_text(
+        '{"messages": [{"role": "user", "content": "def add"}, '
+        '{"role": "assistant", "content": "return a + b"}]}\n' * 20
+    )
+    run = tmp_path / "chat"
+    assert (
+        main(
+            [
+                "finetune",
+                "--model",
+                str(trained_run / "run"),
+                "--data",
+                str(data),
+                "--out",
+                str(run),
+                *FT_QUICK,
+            ]
+        )
+        == 0
+    )
+    session = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "omnigpt",
+            "chat",
+            "--model",
+            str(run),
+            "--system",
+            "be brief",
+            "--max-new-tokens",
+            "8",
+            "--temperature",
+            "0",
+        ],
+        input="def add\n/reset\ndef sub\n/exit\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert session.returncode == 0, session.stderr
+    assert len(session.stdout.splitlines()) == 2  # one reply per user turn
+
+
+def test_chat_history_drops_oldest_turns_to_fit():
+    from omnigpt.chat import fit_history, render_conversation
+    from omnigpt.tokenizer import Tokenizer
+
+    tok = Tokenizer.train_char([CORPUS])
+    system = [{"role": "system", "content": "be brief"}]
+    history = []
+    for i in range(6):
+        history += [
+            {"role": "user", "content": f"question {i}"},
+            {"role": "assistant", "content": f"answer {i}"},
+        ]
+    history.append({"role": "user", "content": "last"})
+    kept, dropped = fit_history(tok, system, history, budget=60)
+    assert dropped > 0 and kept[-1]["content"] == "last" and kept[0]["role"] == "user"
+    assert len(render_conversation(tok, system + kept)) <= 60
+    assert kept == history[dropped:]

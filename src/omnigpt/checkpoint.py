@@ -7,6 +7,9 @@ A checkpoint is a folder that stands on its own:
     tokenizer.json
     trainer_state.pt      optimizer, schedule position, RNG and data-loader state (resumable ones only)
 
+A LoRA fine-tuning checkpoint holds `adapter.safetensors` (the adapters alone) instead of the
+weights; its config names the base model (`"base"`) and a checksum of the base weights it fits.
+
 A training run keeps two: `RUN/latest` and `RUN/best`. Every write goes to a temporary folder that is
 then swapped in by renames, so a kill mid-save leaves the previous checkpoint loadable.
 """
@@ -24,10 +27,12 @@ from safetensors.torch import load_file, save_file
 
 from omnigpt.config import ModelConfig, load_json, save_json
 from omnigpt.errors import OmnigptError
+from omnigpt.lora import adapter_state, has_lora
 from omnigpt.model import GPT
 from omnigpt.tokenizer import Tokenizer
 
 WEIGHTS = "model.safetensors"
+ADAPTER = "adapter.safetensors"
 CONFIG = "config.json"
 TRAINER_STATE = "trainer_state.pt"
 
@@ -61,16 +66,24 @@ def resolve(path: str | Path) -> Path:
     """The checkpoint folder meant by `path`: a checkpoint itself, or a run folder (best, else latest)."""
     path = Path(path)
     for candidate in (path, path / "best", path / "latest"):
-        if (candidate / WEIGHTS).is_file():
+        if is_checkpoint(candidate):
             return candidate
         old = candidate.with_name(f".{candidate.name}.old")  # a save was interrupted mid-swap
-        if not candidate.exists() and (old / WEIGHTS).is_file():
+        if not candidate.exists() and is_checkpoint(old):
             return old
     if not path.exists():
         raise OmnigptError(f"{path}: no such checkpoint or run folder")
     raise OmnigptError(
         f"{path}: no checkpoint here (expected {WEIGHTS}, or best/ or latest/ inside)"
     )
+
+
+def is_checkpoint(folder: Path) -> bool:
+    return (folder / WEIGHTS).is_file() or (folder / ADAPTER).is_file()
+
+
+def is_adapter(folder: Path) -> bool:
+    return (folder / ADAPTER).is_file() and not (folder / WEIGHTS).is_file()
 
 
 def save_checkpoint(
@@ -80,7 +93,9 @@ def save_checkpoint(
     trainer_state: dict[str, Any] | None = None,
     extra_config: dict[str, Any] | None = None,
 ) -> None:
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    lora = has_lora(model)
+    source = adapter_state(model) if lora else model.state_dict()
+    state = {k: v.detach().contiguous().cpu() for k, v in source.items()}
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)
     config = {
@@ -90,7 +105,7 @@ def save_checkpoint(
     }
 
     def write(tmp: Path) -> None:
-        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        save_file(state, str(tmp / (ADAPTER if lora else WEIGHTS)), metadata={"format": "pt"})
         save_json(tmp / CONFIG, config)
         tokenizer.save(tmp)
         if trainer_state is not None:
@@ -129,12 +144,19 @@ def load_checkpoint(
     return model.to(device).eval(), tokenizer
 
 
-def load_weights(model: GPT, weights_path: Path) -> None:
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
-        state = load_file(str(weights_path))
+        return load_file(str(path))
     except Exception as e:  # safetensors raises its own error type for truncated or corrupt files
-        raise OmnigptError(f"{weights_path}: corrupt or truncated weights file ({e})") from None
-    apply_state(model, state, str(weights_path))
+        raise OmnigptError(f"{path}: corrupt or truncated weights file ({e})") from None
+
+
+def load_weights(model: GPT, weights_path: Path) -> None:
+    apply_state(model, _read_safetensors(weights_path), str(weights_path))
+
+
+def read_adapter(folder: str | Path) -> dict[str, torch.Tensor]:
+    return _read_safetensors(Path(folder) / ADAPTER)
 
 
 def apply_state(model: GPT, state: dict[str, torch.Tensor], source: str) -> None:

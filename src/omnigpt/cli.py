@@ -15,9 +15,13 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from omnigpt.config import PRESETS, ModelConfig, TrainConfig
 from omnigpt.errors import OmnigptError
+
+if TYPE_CHECKING:
+    from omnigpt.generate import GenerationOptions
 
 BUILTIN_DATA = Path("data/python-stdlib")
 BUILTIN_TOKENIZER = "bpe:4096"
@@ -80,6 +84,10 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--norm", choices=["layernorm", "rmsnorm"], help="normalisation kind")
     g.add_argument("--dropout", type=float, help="dropout probability (default 0)")
     g.add_argument("--untie", action="store_true", help="give the LM head its own weights")
+    _optimisation_args(p, d)
+
+
+def _optimisation_args(p: argparse.ArgumentParser, d: TrainConfig) -> None:
     g = p.add_argument_group("optimisation")
     g.add_argument(
         "--batch-size", type=int, default=d.batch_size, help="sequences per micro-batch per process"
@@ -141,7 +149,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--early-stop-patience",
         type=int,
-        default=0,
+        default=d.early_stop_patience,
         help="stop after N evaluations without improvement (0: never)",
     )
     g.add_argument(
@@ -158,6 +166,79 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+FINETUNE_DEFAULTS = TrainConfig(
+    lr=3e-4, warmup_steps=20, eval_interval=100, eval_batches=0, early_stop_patience=5
+)
+
+
+def _finetune_args(p: argparse.ArgumentParser) -> None:
+    from omnigpt.lora import DEFAULT_TARGETS, LoRAConfig
+
+    lora = LoRAConfig()
+    p.add_argument(
+        "--model",
+        required=True,
+        help="model to adapt: omnigpt run or checkpoint, Hugging Face GPT-2 folder, or cached Hub name",
+    )
+    p.add_argument(
+        "--data",
+        required=True,
+        help='JSONL of {"prompt", "completion"} or {"messages": [{"role", "content"}, ...]} lines',
+    )
+    p.add_argument(
+        "--val-data",
+        help="JSONL of validation examples (default: hold out --val-fraction of --data)",
+    )
+    p.add_argument(
+        "--val-fraction", type=float, default=0.05, help="share of --data held out for validation"
+    )
+    p.add_argument(
+        "--out", help="run folder for checkpoints and logs (default: runs/finetune-DATE-TIME)"
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its latest checkpoint"
+    )
+    g = p.add_argument_group("what to train")
+    g.add_argument(
+        "--method",
+        choices=["full", "partial", "lora"],
+        default="full",
+        help="full: every weight; partial: only --trainable / --last-blocks; lora: low-rank adapters",
+    )
+    g.add_argument(
+        "--trainable",
+        default="",
+        help="partial: comma-separated parameter names, prefixes or globs (e.g. h.5,ln_f,lm_head)",
+    )
+    g.add_argument(
+        "--last-blocks", type=int, default=0, help="partial: train the last N Transformer blocks"
+    )
+    g.add_argument("--lora-rank", type=int, default=lora.rank, help="LoRA rank")
+    g.add_argument("--lora-alpha", type=float, default=lora.alpha, help="LoRA scale numerator")
+    g.add_argument("--lora-dropout", type=float, default=lora.dropout, help="LoRA input dropout")
+    g.add_argument(
+        "--lora-targets",
+        default=",".join(DEFAULT_TARGETS),
+        help="comma-separated Linear layer names to adapt (c_attn, c_proj, c_fc, attn.c_proj, ...)",
+    )
+    g = p.add_argument_group("examples")
+    g.add_argument(
+        "--pack",
+        action="store_true",
+        help="pack several examples per row (no attention between them) instead of padding",
+    )
+    g.add_argument(
+        "--too-long",
+        choices=["truncate", "drop"],
+        default="truncate",
+        help="examples longer than the context: cut their end, or leave them out",
+    )
+    g.add_argument(
+        "--epochs", type=float, help="passes over the training examples (sets --max-steps)"
+    )
+    _optimisation_args(p, FINETUNE_DEFAULTS)
+
+
 def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompts", nargs="*", help="prompts; none (or -) reads one prompt from stdin")
     p.add_argument(
@@ -170,21 +251,6 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--prompt-file", help="file with one prompt per line")
     p.add_argument(
-        "--max-new-tokens", type=int, default=200, help="tokens to generate per completion"
-    )
-    p.add_argument(
-        "--temperature", type=float, default=0.8, help="sampling temperature (0: greedy)"
-    )
-    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
-    p.add_argument(
-        "--top-p",
-        type=float,
-        help="sample among the most likely tokens holding this much probability",
-    )
-    p.add_argument(
-        "--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeating tokens"
-    )
-    p.add_argument(
         "--stop", action="append", default=[], help="stop a completion at this string (repeatable)"
     )
     p.add_argument(
@@ -196,8 +262,63 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="keep the prompt's last token as typed (by default it is re-chosen, so 'def ' works)",
     )
+    _sampling_args(p, temperature=0.8)
+
+
+def _sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=200, help="longest answer, in tokens")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=temperature,
+        help="sampling temperature (0: greedy)",
+    )
+    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
+    p.add_argument(
+        "--top-p",
+        type=float,
+        help="sample among the most likely tokens holding this much probability",
+    )
+    p.add_argument(
+        "--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeating tokens"
+    )
     p.add_argument("--seed", type=int, help="random seed for sampling")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+
+
+def _chat_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="fine-tuned chat model: run or checkpoint folder")
+    p.add_argument("--system", help="system prompt that starts the conversation")
+    _sampling_args(p, temperature=0.7)
+
+
+def _evaluate_args(p: argparse.ArgumentParser) -> None:
+    from omnigpt.metrics import METRICS
+
+    p.add_argument(
+        "--model", required=True, help="run or checkpoint folder, or Hugging Face folder"
+    )
+    p.add_argument("--data", required=True, help="JSONL examples, as for `omnigpt finetune`")
+    p.add_argument(
+        "--metric",
+        action="append",
+        choices=METRICS,
+        help="metric to report (repeatable; default: perplexity)",
+    )
+    p.add_argument(
+        "--out",
+        help="folder for summary.json and predictions.jsonl (default: eval-DATA_NAME in the run folder)",
+    )
+    p.add_argument("--limit", type=int, help="evaluate only the first N examples")
+    p.add_argument("--batch-size", type=int, default=32, help="examples generated together")
+    p.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="autocast for perplexity (as in training)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _sampling_args(p, temperature=0.0)
 
 
 def _convert_args(p: argparse.ArgumentParser) -> None:
@@ -208,7 +329,14 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
         help="a Hugging Face GPT-2 folder or cached Hub name to convert into an omnigpt checkpoint",
     )
     way.add_argument(
-        "--to-hf", metavar="RUN", help="an omnigpt run or checkpoint to export in GPT-2 format"
+        "--to-hf",
+        metavar="RUN",
+        help="an omnigpt run or checkpoint to export in GPT-2 format (LoRA adapters are merged)",
+    )
+    way.add_argument(
+        "--merge-lora",
+        metavar="RUN",
+        help="a LoRA fine-tuning run or checkpoint: write base + adapters as one plain checkpoint",
     )
     p.add_argument(
         "--out", required=True, help="folder to write (must not hold a checkpoint already)"
@@ -233,6 +361,29 @@ def build_parser() -> argparse.ArgumentParser:
             "train",
             help="pretrain a GPT on prepared data (default: Python stdlib)",
             description="Pretrain a GPT by next-token prediction.",
+        )
+    )
+    _finetune_args(
+        sub.add_parser(
+            "finetune",
+            help="fine-tune a model on prompt/completion or chat examples",
+            description="Supervised fine-tuning: fully, only some parts, or with LoRA adapters.",
+        )
+    )
+    _chat_args(
+        sub.add_parser(
+            "chat",
+            help="chat with a fine-tuned model in the terminal",
+            description="Interactive multi-turn chat, streaming the replies. "
+            "Type /reset to start over, /exit (or Ctrl-D) to leave.",
+        )
+    )
+    _evaluate_args(
+        sub.add_parser(
+            "evaluate",
+            help="score a model on JSONL examples (perplexity, BLEU, chrF, ROUGE, EM, F1, WER)",
+            description="Generate an answer per example and score it; writes a per-example "
+            "predictions.jsonl beside summary.json.",
         )
     )
     _generate_args(
@@ -310,7 +461,26 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.untie:
         overrides["tie_embeddings"] = False
     model_cfg = ModelConfig.from_preset(args.preset, **overrides)
-    train_cfg = TrainConfig(
+    train_cfg = _train_config(args)
+    signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
+    budgets = {
+        k: getattr(args, k) for k in ("max_steps", "max_seconds") if getattr(args, k) is not None
+    }
+    result = pretrain(
+        data,
+        out,
+        model_cfg,
+        train_cfg,
+        resume=args.resume,
+        init_from=args.init_from,
+        progress=not args.no_progress,
+        resume_overrides=budgets,
+    )
+    _report(result, out)
+
+
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
         batch_size=args.batch_size,
         grad_accum=args.grad_accum,
         max_steps=args.max_steps or TrainConfig.max_steps,
@@ -331,26 +501,55 @@ def cmd_train(args: argparse.Namespace) -> None:
         device=args.device,
         early_stop_patience=args.early_stop_patience,
     )
-    signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
-    budgets = {
-        k: getattr(args, k) for k in ("max_steps", "max_seconds") if getattr(args, k) is not None
-    }
-    result = pretrain(
-        data,
-        out,
-        model_cfg,
-        train_cfg,
-        resume=args.resume,
-        init_from=args.init_from,
-        progress=not args.no_progress,
-        resume_overrides=budgets,
-    )
+
+
+def _report(result, out: Path) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"done: {result}")
         print(
             f"run folder: {out}  (checkpoints: {out}/best, {out}/latest; loss curve: {out}/loss.png; "
             f"metrics: {out}/metrics.jsonl)"
         )
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from omnigpt.finetune import FinetuneConfig, finetune
+    from omnigpt.lora import LoRAConfig
+
+    if args.resume and not args.out:
+        raise OmnigptError("--resume needs --out RUN_FOLDER")
+    out = Path(args.out) if args.out else Path("runs") / time.strftime("finetune-%Y%m%d-%H%M%S")
+    ft_cfg = FinetuneConfig(
+        method=args.method,
+        trainable=tuple(t for t in args.trainable.split(",") if t),
+        last_blocks=args.last_blocks,
+        lora=LoRAConfig(
+            rank=args.lora_rank,
+            alpha=args.lora_alpha,
+            dropout=args.lora_dropout,
+            targets=tuple(t for t in args.lora_targets.split(",") if t),
+        ),
+        pack=args.pack,
+        too_long=args.too_long,
+        val_fraction=args.val_fraction,
+        epochs=args.epochs,
+    )
+    signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
+    budgets = {
+        k: getattr(args, k) for k in ("max_steps", "max_seconds") if getattr(args, k) is not None
+    }
+    result = finetune(
+        args.model,
+        args.data,
+        out,
+        ft_cfg,
+        _train_config(args),
+        val_data=args.val_data,
+        resume=args.resume,
+        progress=not args.no_progress,
+        resume_overrides=budgets,
+    )
+    _report(result, out)
 
 
 def _stop_like_ctrl_c(signum, frame) -> None:
@@ -373,7 +572,7 @@ def _builtin_data() -> Path:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from omnigpt.generate import GenerationOptions, generate_text
+    from omnigpt.generate import generate_text
     from omnigpt.hf import load_model
     from omnigpt.train import pick_device
 
@@ -393,16 +592,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
                 "no prompt: give one as an argument, with --prompt-file, or on stdin"
             )
         prompts = [sys.stdin.read()]
-    opts = GenerationOptions(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty,
+    opts = _generation_options(
+        args,
         stop_at_eot=not args.no_eot_stop,
         stop_strings=tuple(args.stop),
         num_samples=args.num_samples,
-        seed=args.seed,
         token_healing=not args.no_token_healing,
     )
     model, tokenizer = load_model(args.model, pick_device(args.device), args.tokenizer)
@@ -424,6 +618,98 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(prompt + text)
 
 
+def _generation_options(args: argparse.Namespace, **extra) -> GenerationOptions:
+    from omnigpt.generate import GenerationOptions
+
+    return GenerationOptions(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        **extra,
+    )
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from omnigpt.chat import fit_history, render_conversation, stop_ids
+    from omnigpt.generate import generate_tokens
+    from omnigpt.hf import load_model
+    from omnigpt.train import pick_device
+
+    opts = _generation_options(args, token_healing=False)
+    model, tokenizer = load_model(args.model, pick_device(args.device))
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict] = []
+    stops = stop_ids(tokenizer)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("chatting with", args.model, "— /reset starts over, /exit or Ctrl-D leaves")
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        text = line.strip()
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            history = []
+            continue
+        if not text:
+            continue
+        history.append({"role": "user", "content": text})
+        budget = model.config.block_size - min(opts.max_new_tokens, model.config.block_size // 2)
+        history, dropped = fit_history(tokenizer, system, history, budget)
+        if dropped and interactive:
+            print(f"(dropped the {dropped} oldest message(s) to stay within the context)")
+        prompt = render_conversation(tokenizer, system + history)
+        stream = tokenizer.stream()
+        sys.stdout.write("assistant> " if interactive else "")
+
+        def on_step(ids: list[int], stream=stream) -> None:
+            if ids[0] not in stops:
+                sys.stdout.write(stream.push(ids[0]))
+                sys.stdout.flush()
+
+        new = generate_tokens(model, [prompt], opts, stops, tokenizer.vocab_size, on_step)
+        sys.stdout.write(stream.flush() + "\n")
+        sys.stdout.flush()
+        history.append({"role": "assistant", "content": tokenizer.decode(new[0]).strip()})
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from omnigpt.chat import read_records
+    from omnigpt.evaluate import evaluate
+    from omnigpt.hf import load_model
+    from omnigpt.train import pick_device
+
+    records = read_records(args.data)
+    if args.limit:
+        records = records[: args.limit]
+    metrics = args.metric or ["perplexity"]
+    model, tokenizer = load_model(args.model, pick_device(args.device))
+    out = args.out
+    if out is None:
+        base = Path(args.model) if Path(args.model).is_dir() else Path(".")
+        out = base / f"eval-{Path(args.data).stem}"
+    summary = evaluate(
+        model,
+        tokenizer,
+        records,
+        metrics,
+        _generation_options(args, token_healing=False),
+        out,
+        args.batch_size,
+        args.precision,
+        progress=not args.no_progress,
+    )
+    for name, value in summary["metrics"].items():
+        print(f"{name}: {value:.4f}")
+    print(f"{summary['examples']} examples in {summary['seconds']:.1f}s; written to {out}")
+
+
 def cmd_convert(args: argparse.Namespace) -> None:
     from omnigpt.hf import export_hf, import_hf, load_model
 
@@ -436,6 +722,16 @@ def cmd_convert(args: argparse.Namespace) -> None:
         return
     if (out / "model.safetensors").exists():
         raise OmnigptError(f"{out} already holds a model; choose another --out")
+    if args.merge_lora:
+        from omnigpt.checkpoint import save_checkpoint
+        from omnigpt.lora import merge_lora
+
+        model, tokenizer = load_model(args.merge_lora)
+        if not merge_lora(model):
+            raise OmnigptError(f"{args.merge_lora}: no LoRA adapters to merge")
+        save_checkpoint(out, model, tokenizer)
+        print(f"merged {args.merge_lora} → {out} (a plain omnigpt checkpoint)")
+        return
     model, tokenizer = load_model(args.to_hf)
     export_hf(model, tokenizer, out)
     print(
@@ -446,6 +742,9 @@ def cmd_convert(args: argparse.Namespace) -> None:
 COMMANDS = {
     "prepare": cmd_prepare,
     "train": cmd_train,
+    "finetune": cmd_finetune,
+    "chat": cmd_chat,
+    "evaluate": cmd_evaluate,
     "generate": cmd_generate,
     "convert": cmd_convert,
 }

@@ -114,13 +114,15 @@ def generate_tokens(
     model: GPT,
     prompts: Sequence[Sequence[int]],
     opts: GenerationOptions,
-    eot_id: int | None = None,
+    eot_id: int | Sequence[int] | None = None,
     vocab_limit: int | None = None,
     on_step: Callable[[list[int]], Sequence[bool] | None] | None = None,
     first_allowed: Sequence[Sequence[int] | None] | None = None,
 ) -> list[list[int]]:
     """New tokens for each prompt (EOT excluded), decoded together on the KV cache.
 
+    `eot_id` is the end-of-text id, or several ids that each end a sequence (a chat model's
+    `<|end|>` and `<|endoftext|>`).
     `vocab_limit` restricts sampling to the tokenizer's ids (the embedding may be padded larger).
     `first_allowed`, per prompt, restricts the first new token to those ids (None: no restriction).
     `on_step(new_ids)` is called after every step with one id per sequence; it may return, per
@@ -135,6 +137,10 @@ def generate_tokens(
             f"prompt of {longest} tokens is longer than the model's context of {block_size}"
         )
     max_new = min(opts.max_new_tokens, block_size - longest)
+    if eot_id is None:
+        stop_ids: set[int] = set()
+    else:
+        stop_ids = {eot_id} if isinstance(eot_id, int) else set(eot_id)
     device = model.wte.weight.device
     generator = None
     if opts.seed is not None:
@@ -186,8 +192,8 @@ def generate_tokens(
             seen[torch.arange(B, device=device), next_ids] = True
         ids = next_ids.tolist()
         stop_now = [False] * B
-        if opts.stop_at_eot and eot_id is not None:
-            stop_now = [i == eot_id for i in ids]
+        if opts.stop_at_eot and stop_ids:
+            stop_now = [i in stop_ids for i in ids]
         if on_step is not None:
             extra = on_step(ids)
             if extra is not None:
@@ -195,7 +201,7 @@ def generate_tokens(
         for row, stop in enumerate(stop_now):
             if stop and not done[row]:
                 done[row] = True
-                lengths[row] = step + (0 if ids[row] == eot_id and opts.stop_at_eot else 1)
+                lengths[row] = step + (0 if ids[row] in stop_ids and opts.stop_at_eot else 1)
         if bool(done.all()) or step == max_new - 1:
             break
         pos = T + step  # cache index of the token being fed

@@ -13,6 +13,7 @@ token embedding. `transformers` itself is never needed to load or export.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -20,9 +21,19 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from omnigpt.checkpoint import CONFIG, WEIGHTS, apply_state, atomic_write_dir, load_checkpoint
+from omnigpt.checkpoint import (
+    CONFIG,
+    WEIGHTS,
+    apply_state,
+    atomic_write_dir,
+    is_adapter,
+    load_checkpoint,
+    read_adapter,
+    resolve,
+)
 from omnigpt.config import ModelConfig, load_json
 from omnigpt.errors import OmnigptError
+from omnigpt.lora import LoRAConfig, add_lora, base_checksum, load_adapter_state, merge_lora
 from omnigpt.model import GPT
 from omnigpt.tokenizer import EOT, Tokenizer
 
@@ -213,7 +224,10 @@ def load_model(
     device: str | torch.device = "cpu",
     tokenizer_path: str | Path | None = None,
 ) -> tuple[GPT, Tokenizer]:
-    """An omnigpt run or checkpoint folder, a Hugging Face GPT-2 folder, or a cached Hub name."""
+    """An omnigpt run or checkpoint folder, a Hugging Face GPT-2 folder, or a cached Hub name.
+
+    A LoRA checkpoint loads its base model (named in its config) with the adapters applied.
+    """
     path = Path(path_or_name)
     looks_like_hub_name = re.fullmatch(r"[\w-][\w.-]*(/[\w.-]+)?", str(path_or_name))
     if not path.exists() and looks_like_hub_name:
@@ -223,7 +237,43 @@ def load_model(
         if tokenizer_path is not None:
             tokenizer = Tokenizer.load(tokenizer_path)
         return model.to(device), tokenizer
+    if path.exists() and is_adapter(resolve(path)):
+        return load_adapter_checkpoint(resolve(path), device)
     return load_checkpoint(path, tokenizer_path, device)
+
+
+def load_adapter_checkpoint(
+    folder: Path, device: str | torch.device = "cpu"
+) -> tuple[GPT, Tokenizer]:
+    """The base model named in a LoRA checkpoint's config, wrapped with the saved adapters.
+
+    Refuses an adapter whose base has changed shape, tokenizer or weights since training.
+    """
+    config = load_json(folder / CONFIG)
+    if "base" not in config or "finetune" not in config:
+        raise OmnigptError(f"{folder}: adapter checkpoint without its base model in {CONFIG}")
+    base = config["base"]
+    try:
+        model, tokenizer = load_model(base)
+    except OmnigptError as e:
+        raise OmnigptError(f"{folder}: cannot load its base model {base} ({e})") from None
+    if tokenizer.fingerprint != config.get("tokenizer_fingerprint", tokenizer.fingerprint):
+        raise OmnigptError(f"{folder}: adapter was trained with another tokenizer than base {base}")
+    merge_lora(model)  # the base may itself be a LoRA run
+    names = add_lora(model, LoRAConfig(**config["finetune"]["lora"]))
+    expected = config.get("base_checksum")
+    if expected is not None:
+        got = base_checksum(model, names)
+        if not all(
+            math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-3)
+            for a, b in zip(got, expected, strict=True)
+        ):
+            raise OmnigptError(
+                f"{folder}: adapter does not match base {base} (its weights differ from the ones "
+                "the adapter was trained on)"
+            )
+    load_adapter_state(model, read_adapter(folder), str(folder))
+    return model.to(device).eval(), tokenizer
 
 
 # -- export ----------------------------------------------------------------------------------------
@@ -257,7 +307,8 @@ def hf_config(cfg: ModelConfig, tokenizer: Tokenizer) -> dict:
 def export_hf(model: GPT, tokenizer: Tokenizer, out_dir: str | Path) -> None:
     """Writes a GPT-2 folder for `transformers`; architectures without a GPT-2 equivalent are refused.
 
-    Sinusoidal positions are exported as GPT-2's learned table filled with their fixed values."""
+    Sinusoidal positions are exported as GPT-2's learned table filled with their fixed values.
+    LoRA adapters are merged into their weights first (in place: `model` ends up merged)."""
     cfg = model.config
     reasons = [
         r
@@ -271,6 +322,7 @@ def export_hf(model: GPT, tokenizer: Tokenizer, out_dir: str | Path) -> None:
     ]
     if reasons:
         raise OmnigptError(f"cannot export to GPT-2 format: GPT-2 has no {', '.join(reasons)}")
+    merge_lora(model)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if cfg.pos_encoding == "sinusoidal":
         state["wpe.weight"] = model.pos_table.detach().cpu().clone()

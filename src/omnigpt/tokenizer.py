@@ -136,8 +136,15 @@ class Tokenizer:
         """A short hash of the full tokenizer definition; checkpoints record it to catch mismatches."""
         return hashlib.sha256(self.hf.to_str().encode()).hexdigest()[:16]
 
-    def encode(self, text: str) -> list[int]:
-        return self.hf.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, allow_special: bool = True) -> list[int]:
+        """Token ids of `text`; with allow_special=False a literal "<|end|>" in it stays plain text."""
+        if allow_special:
+            return self.hf.encode(text, add_special_tokens=False).ids
+        self.hf.encode_special_tokens = True
+        try:
+            return self.hf.encode(text, add_special_tokens=False).ids
+        finally:
+            self.hf.encode_special_tokens = False
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Encodes in parallel on all cores (the Rust side uses a thread pool)."""

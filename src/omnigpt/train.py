@@ -1,4 +1,4 @@
-"""Training: one `fit()` loop shared by pretraining and, later, fine-tuning and multimodal training.
+"""Training: one `fit()` loop shared by pretraining, fine-tuning and, later, multimodal training.
 
     result = pretrain("data/shakespeare", "runs/shake", ModelConfig.from_preset("micro"), TrainConfig())
 
@@ -85,7 +85,12 @@ def build_optimizers(
         if id(p) in seen:  # tied weights appear once
             continue
         seen.add(id(p))
-        if cfg.optimizer == "muon" and p.ndim == 2 and ".h." in f".{name}" and "wte" not in name:
+        if (
+            cfg.optimizer == "muon"
+            and p.ndim == 2
+            and ".h." in f".{name}"
+            and "lora_" not in name  # low-rank adapters train with AdamW
+        ):
             muon.append(p)
         elif p.ndim >= 2:
             decay.append(p)
@@ -134,10 +139,10 @@ def evaluate_loss(
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, token count
-    for x, y in batches:
-        x, y = x.to(device), y.to(device)
+    for batch in batches:
+        x, y, extras = _unpack(batch, device)
         with autocast(device, precision):
-            logits, _ = model(x)
+            logits, _ = model(x, **extras)
         loss = torch.nn.functional.cross_entropy(
             logits.float().view(-1, logits.size(-1)),
             y.view(-1),
@@ -149,6 +154,13 @@ def evaluate_loss(
         dist.all_reduce(total)
     model.train(was_training)
     return (total[0] / total[1].clamp(min=1)).item()
+
+
+def _unpack(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """A batch is (x, y), or (x, y, extras) with extra model inputs (packed positions and masks)."""
+    x, y, *rest = batch
+    extras = {k: v.to(device, non_blocking=True) for k, v in (rest[0] if rest else {}).items()}
+    return x.to(device, non_blocking=True), y.to(device, non_blocking=True), extras
 
 
 def autocast(device: torch.device, precision: str = "auto"):
@@ -185,7 +197,7 @@ def fit(
     model: GPT,
     tokenizer: Tokenizer,
     train_batches: RandomWindows,
-    val_tokens,
+    val,
     cfg: TrainConfig,
     run_dir: str | Path,
     dist_info: Dist,
@@ -193,7 +205,12 @@ def fit(
     progress: bool = True,
     extra_config: dict[str, Any] | None = None,
 ) -> RunResult:
-    """Trains `model` in place; writes checkpoints, metrics.jsonl, loss.png and summary.json to run_dir."""
+    """Trains `model` in place; writes checkpoints, metrics.jsonl, loss.png and summary.json to run_dir.
+
+    `train_batches` has `next_batch()` → (x, y) or (x, y, extras), and `state_dict()` /
+    `load_state_dict()` for resuming. `val` is a token array (evaluated in windows of the block size)
+    or a function returning an iterable of validation batches.
+    """
     run_dir = Path(run_dir)
     device = dist_info.device
     model.to(device)
@@ -213,9 +230,6 @@ def fit(
         train_model = DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    tokens_per_step = (
-        cfg.batch_size * cfg.grad_accum * train_batches.block_size * dist_info.world_size
-    )
     log_file = open(run_dir / "metrics.jsonl", "a") if dist_info.is_main else None
 
     def log(record: dict[str, Any]) -> None:
@@ -224,14 +238,17 @@ def fit(
             log_file.flush()
 
     def run_eval() -> float:
-        batches = sequential_windows(
-            val_tokens,
-            train_batches.block_size,
-            cfg.batch_size,
-            cfg.eval_batches,
-            dist_info.rank,
-            dist_info.world_size,
-        )
+        if callable(val):
+            batches = val()
+        else:
+            batches = sequential_windows(
+                val,
+                train_batches.block_size,
+                cfg.batch_size,
+                cfg.eval_batches,
+                dist_info.rank,
+                dist_info.world_size,
+            )
         return evaluate_loss(model, batches, device, dist_info, cfg.precision)
 
     def save(
@@ -287,20 +304,22 @@ def fit(
             loader_state, rng_state = train_batches.state_dict(), torch.get_rng_state()
             micro = [train_batches.next_batch() for _ in range(cfg.grad_accum)]
             n_tokens = torch.tensor(
-                float(sum((y != IGNORE_INDEX).sum() for _, y in micro)), device=device
+                float(sum((b[1] != IGNORE_INDEX).sum() for b in micro)), device=device
             )
+            # tokens processed (padding included) by all processes in this step
+            step_tokens = sum(b[0].numel() for b in micro) * dist_info.world_size
             if dist_info.world_size > 1:
                 dist.all_reduce(n_tokens)
             # read only when logging, so no step waits for the GPU
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            for i, (x, y) in enumerate(micro):
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            for i, batch in enumerate(micro):
+                x, y, extras = _unpack(batch, device)
                 sync = i == len(micro) - 1 or dist_info.world_size == 1
                 with (
                     contextlib.nullcontext() if sync else train_model.no_sync(),
                     autocast(device, cfg.precision),
                 ):
-                    _, loss = train_model(x, y)
+                    _, loss = train_model(x, y, **extras)
                     n = (y != IGNORE_INDEX).sum()
                     # DDP averages gradients over processes, hence × world_size
                     scaled = loss * n * dist_info.world_size / n_tokens
@@ -313,8 +332,8 @@ def fit(
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             step += 1
-            tokens_seen += tokens_per_step
-            window_tokens += tokens_per_step
+            tokens_seen += step_tokens
+            window_tokens += step_tokens
             if step % cfg.log_interval == 0 or step == 1:
                 # the loss over the global batch, as one process would see it
                 if dist_info.world_size > 1:

@@ -1,7 +1,8 @@
 """The decoder-only GPT: embeddings, a stack of Transformer blocks, a final norm and the LM head.
 
     model = GPT(ModelConfig.from_preset("micro", vocab_size=tok.vocab_size))
-    logits, loss = model(tokens, targets)          # training: (B, T) ids → (B, T, V), scalar
+    _, loss = model(tokens, targets)               # training: mean loss over targets (no logits)
+    logits, _ = model(tokens)                      # (B, T) ids → (B, T, V)
     logits, _ = model(embeddings=x)                # ready-made input embeddings (B, T, C)
     caches = model.make_caches(B, max_len)         # incremental decoding
     logits, _ = model(tokens, caches=caches, start_pos=p)
@@ -120,7 +121,8 @@ class GPT(nn.Module):
         start_pos: int = 0,
         last_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (B, T, V) — or (B, 1, V) with `last_only` — and the mean cross-entropy with targets."""
+        """Logits (B, T, V) — or (B, 1, V) with `last_only` — without targets; with targets, (None,
+        mean cross-entropy over the targets that are not IGNORE_INDEX)."""
         cfg = self.config
         x = self.wte(tokens) if embeddings is None else embeddings  # (B, T, C)
         B, T, _ = x.shape
@@ -147,8 +149,9 @@ class GPT(nn.Module):
 
         if targets is None:
             return self.lm_head(x[:, -1:] if last_only else x), None
-        logits = self.lm_head(x)
-        loss = F.cross_entropy(
-            logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX
-        )
-        return logits, loss
+        # training: the LM head and softmax run only where there is a target (a fine-tuning batch's
+        # prompt and padding are skipped); no logits are returned
+        keep = targets != IGNORE_INDEX
+        logits = self.lm_head(x[keep])  # (N, V)
+        loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        return None, loss / keep.sum().clamp(min=1)

@@ -1,0 +1,209 @@
+"""Supervised examples: reading fine-tuning JSONL, and the chat template that renders it to tokens.
+
+Two record kinds, one per line:
+
+    {"prompt": "Translate: a dog", "completion": "ein Hund"}
+    {"messages": [{"role": "system", "content": "..."}, {"role": "user", "content": "..."},
+                  {"role": "assistant", "content": "..."}, ...]}
+
+A prompt/completion record renders as `prompt completion <|endoftext|>`. A conversation renders each
+turn as a role token, its content and `<|end|>`:
+
+    <|system|>Be brief.<|end|><|user|>Hi<|end|><|assistant|>Hello!<|end|>
+
+Training targets (`labels`) are the completion and `<|endoftext|>`, or each assistant turn's content and
+its `<|end|>`; everything else is IGNORE_INDEX. Text inside content is encoded as text: a literal
+"<|end|>" typed by a user stays characters, it never becomes the control token.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from omnigpt.errors import OmnigptError
+from omnigpt.model import IGNORE_INDEX
+from omnigpt.tokenizer import ASSISTANT, END_OF_TURN, EOT, SYSTEM, USER, Tokenizer
+
+ROLES = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
+Message = dict[str, str]
+
+
+# -- reading and checking records -----------------------------------------------------------------
+
+
+def check_record(record: object) -> str | None:
+    """Why `record` is not a valid fine-tuning example, or None when it is."""
+    if not isinstance(record, dict):
+        return "a line must be a JSON object"
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            return "'messages' must be a non-empty list"
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+                return f"message {i + 1} needs a string 'content'"
+            if m.get("role") not in ROLES:
+                return f"message {i + 1} has unknown role {m.get('role')!r} (use system, user or assistant)"
+            if m["role"] == "system" and i > 0:
+                return f"message {i + 1}: a system message may only come first"
+        assistant = [m for m in messages if m["role"] == "assistant"]
+        if not assistant:
+            return "no assistant message to learn from"
+        if any(not m["content"].strip() for m in assistant):
+            return "empty assistant message"
+        return None
+    if "prompt" in record or "completion" in record:
+        if not isinstance(record.get("prompt"), str):
+            return "'prompt' must be a string"
+        if not isinstance(record.get("completion"), str):
+            return "'completion' must be a string"
+        if not record["completion"].strip():
+            return "empty completion"
+        return None
+    return "expected 'prompt' and 'completion', or 'messages'"
+
+
+def read_records(path: str | Path, max_reported: int = 5) -> list[dict]:
+    """Every record of a JSONL file, checked; all bad lines are reported together by line number."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise OmnigptError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise OmnigptError(f"{path}: cannot read ({e})") from None
+    records, bad = [], []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            bad.append(f"line {lineno}: malformed JSON ({e.msg} at column {e.colno})")
+            continue
+        problem = check_record(record)
+        if problem:
+            bad.append(f"line {lineno}: {problem}")
+        else:
+            records.append(record)
+    if bad:
+        more = f"; and {len(bad) - max_reported} more" if len(bad) > max_reported else ""
+        raise OmnigptError(
+            f"{path}: {len(bad)} bad line(s): " + "; ".join(bad[:max_reported]) + more
+        )
+    if not records:
+        raise OmnigptError(f"{path}: no examples")
+    return records
+
+
+# -- rendering ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Rendered:
+    ids: list[int]
+    labels: list[int]  # ids where the token is a training target, IGNORE_INDEX elsewhere
+
+
+def _special(tokenizer: Tokenizer, token: str) -> int:
+    i = tokenizer.token_id(token)
+    if i is None:
+        raise OmnigptError(
+            f"the tokenizer has no {token} token; fine-tuning needs a tokenizer trained by omnigpt "
+            "or one with the chat tokens added"
+        )
+    return i
+
+
+def render(tokenizer: Tokenizer, record: dict) -> Rendered:
+    """Tokens and training labels of a checked record (see the module docstring for the layout)."""
+    if "messages" not in record:
+        prompt = tokenizer.encode(record["prompt"], allow_special=False)
+        completion = tokenizer.encode(record["completion"], allow_special=False)
+        completion.append(_special(tokenizer, EOT))
+        return Rendered(prompt + completion, [IGNORE_INDEX] * len(prompt) + completion)
+    ids: list[int] = []
+    labels: list[int] = []
+    end = _special(tokenizer, END_OF_TURN)
+    for m in record["messages"]:
+        head = [_special(tokenizer, ROLES[m["role"]])]
+        body = tokenizer.encode(m["content"], allow_special=False) + [end]
+        ids += head + body
+        labels += [IGNORE_INDEX] * len(head)
+        labels += body if m["role"] == "assistant" else [IGNORE_INDEX] * len(body)
+    return Rendered(ids, labels)
+
+
+def prompt_ids(tokenizer: Tokenizer, record: dict) -> list[int]:
+    """What a model is given to produce the record's answer: the prompt, or the conversation up to
+    its last assistant turn followed by `<|assistant|>`."""
+    if "messages" not in record:
+        return tokenizer.encode(record["prompt"], allow_special=False)
+    messages = record["messages"]
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return render_conversation(tokenizer, messages[:last])
+
+
+def reference(record: dict) -> str:
+    """The answer a record expects: its completion, or its last assistant turn."""
+    if "messages" not in record:
+        return record["completion"]
+    return [m for m in record["messages"] if m["role"] == "assistant"][-1]["content"]
+
+
+def render_conversation(tokenizer: Tokenizer, messages: list[Message]) -> list[int]:
+    """A conversation so far, ending with the `<|assistant|>` token that asks for the next reply."""
+    ids = render(tokenizer, {"messages": messages}).ids if messages else []
+    return ids + [_special(tokenizer, ASSISTANT)]
+
+
+def fit_history(
+    tokenizer: Tokenizer, system: list[Message], history: list[Message], budget: int
+) -> tuple[list[Message], int]:
+    """Drops the oldest messages of `history` (never the system prompt, never the last message)
+    until the rendered conversation fits in `budget` tokens; returns it and how many were dropped."""
+    dropped = 0
+    while len(history) > 1 and len(render_conversation(tokenizer, system + history)) > budget:
+        history = history[1:]
+        dropped += 1
+    while history and history[0]["role"] == "assistant" and len(history) > 1:
+        history, dropped = history[1:], dropped + 1  # a conversation starts with the user
+    return history, dropped
+
+
+def stop_ids(tokenizer: Tokenizer, record: dict | None = None) -> list[int]:
+    """Tokens that end a generated answer: `<|end|>` for conversations, `<|endoftext|>` for both."""
+    ids = [tokenizer.token_id(EOT)]
+    if record is None or "messages" in record:
+        ids.append(tokenizer.token_id(END_OF_TURN))
+    return [i for i in ids if i is not None]
+
+
+# -- text form ------------------------------------------------------------------------------------
+
+
+def format_chat(messages: list[Message]) -> str:
+    """The text the chat template's tokens decode to."""
+    return "".join(f"{ROLES[m['role']]}{m['content']}{END_OF_TURN}" for m in messages)
+
+
+def parse_chat(tokenizer: Tokenizer, ids: list[int]) -> list[Message]:
+    """The messages of a rendered conversation, split on the role and `<|end|>` token ids (so a
+    literal "<|end|>" inside a message is no boundary); raises on ids that are not one."""
+    by_id = {_special(tokenizer, token): role for role, token in ROLES.items()}
+    end = _special(tokenizer, END_OF_TURN)
+    messages, i = [], 0
+    while i < len(ids):
+        if ids[i] not in by_id:
+            raise OmnigptError(f"not a rendered conversation: token {i} is no role token")
+        try:
+            j = ids.index(end, i + 1)
+        except ValueError:
+            raise OmnigptError(
+                f"not a rendered conversation: turn at token {i} has no end"
+            ) from None
+        messages.append({"role": by_id[ids[i]], "content": tokenizer.decode(ids[i + 1 : j])})
+        i = j + 1
+    return messages

@@ -1,0 +1,127 @@
+"""Task evaluation: generate an answer for every example and score it, or measure perplexity.
+
+    summary = evaluate(model, tokenizer, records, ["bleu", "chrf"], GenerationOptions(temperature=0))
+
+Answers are generated from each example's prompt (or its conversation up to the last assistant turn)
+in length-sorted batches on the KV cache, until `<|endoftext|>` / `<|end|>` or the token limit.
+Perplexity is exp of the mean loss over the completion/assistant tokens, as in fine-tuning.
+With `out_dir`, writes `predictions.jsonl` (one line per example, with its scores) and `summary.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from omnigpt.chat import prompt_ids, reference, stop_ids
+from omnigpt.config import save_json
+from omnigpt.errors import OmnigptError
+from omnigpt.finetune import eval_batches, tokenize_records
+from omnigpt.generate import GenerationOptions, generate_tokens
+from omnigpt.metrics import METRICS, corpus_metric, example_metric
+from omnigpt.model import GPT
+from omnigpt.tokenizer import PAD, Tokenizer
+from omnigpt.train import evaluate_loss
+
+
+def perplexity(
+    model: GPT,
+    tokenizer: Tokenizer,
+    records: list[dict],
+    batch_size: int = 16,
+    precision: str = "auto",
+) -> float:
+    examples, _ = tokenize_records(tokenizer, records, model.config.block_size, "truncate")
+    if not examples:
+        raise OmnigptError("no example fits the model's context for perplexity")
+    pad = tokenizer.token_id(PAD) or 0
+    device = model.wte.weight.device
+    loss = evaluate_loss(
+        model,
+        eval_batches(examples, model.config.block_size, batch_size, pad),
+        device,
+        None,
+        precision,
+    )
+    return math.exp(loss)
+
+
+def generate_answers(
+    model: GPT,
+    tokenizer: Tokenizer,
+    records: list[dict],
+    opts: GenerationOptions,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> list[str]:
+    """The model's answer to each record, in record order."""
+    prompts = [prompt_ids(tokenizer, r) for r in records]
+    limit = model.config.block_size - 1
+    prompts = [p[-limit:] for p in prompts]  # keep the end of a prompt longer than the context
+    order = sorted(range(len(records)), key=lambda i: len(prompts[i]))
+    answers: list[str] = [""] * len(records)
+    bar = tqdm(total=len(records), unit="example", disable=not progress, dynamic_ncols=True)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        stops = sorted({s for i in chunk for s in stop_ids(tokenizer, records[i])})
+        new = generate_tokens(model, [prompts[i] for i in chunk], opts, stops, tokenizer.vocab_size)
+        for i, ids in zip(chunk, new, strict=True):
+            answers[i] = tokenizer.decode(ids, skip_special=True).strip()
+        bar.update(len(chunk))
+    bar.close()
+    return answers
+
+
+def evaluate(
+    model: GPT,
+    tokenizer: Tokenizer,
+    records: list[dict],
+    metrics: list[str],
+    opts: GenerationOptions,
+    out_dir: str | Path | None = None,
+    batch_size: int = 32,
+    precision: str = "auto",
+    progress: bool = True,
+) -> dict:
+    """Scores on `metrics` (see metrics.METRICS); returns and, with `out_dir`, writes the summary."""
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise OmnigptError(
+            f"unknown metric(s) {', '.join(unknown)}; choose from: {', '.join(METRICS)}"
+        )
+    t0 = time.time()
+    scores: dict[str, float] = {}
+    if "perplexity" in metrics:
+        scores["perplexity"] = perplexity(model, tokenizer, records, batch_size, precision)
+    generated = [m for m in metrics if m != "perplexity"]
+    rows = []
+    if generated:
+        answers = generate_answers(model, tokenizer, records, opts, batch_size, progress)
+        refs = [reference(r).strip() for r in records]
+        for m in generated:
+            scores[m] = corpus_metric(m, answers, refs)
+        for i, (record, answer, ref) in enumerate(zip(records, answers, refs, strict=True)):
+            row = {"index": i, "prediction": answer, "reference": ref}
+            if "prompt" in record:
+                row["prompt"] = record["prompt"]
+            row.update({m: round(example_metric(m, answer, ref), 4) for m in generated})
+            rows.append(row)
+    summary = {
+        "examples": len(records),
+        "metrics": {k: round(v, 4) for k, v in scores.items()},
+        "generation": {k: v for k, v in opts.__dict__.items()},
+        "seconds": round(time.time() - t0, 2),
+    }
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if rows:
+            with open(out_dir / "predictions.jsonl", "w", encoding="utf-8") as f:
+                for row in rows:
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        save_json(out_dir / "summary.json", summary)
+    return summary

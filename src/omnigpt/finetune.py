@@ -1,0 +1,457 @@
+"""Supervised fine-tuning: labelled examples into batches, what to train, and `finetune()`.
+
+    result = finetune("runs/base", "pairs.jsonl", "runs/tuned", FinetuneConfig(method="lora"), TrainConfig())
+
+Examples (see `chat.py`) become (tokens, labels) pairs; only completion/assistant tokens are targets.
+Batches are either padded (examples of similar length batched together, right-padded: with causal
+attention no real token ever sees a pad) or packed (several examples per row, each with its own
+positions and a block-diagonal causal mask, so attention never crosses from one into another).
+
+Three ways to adapt: `full` trains everything; `partial` freezes all but the named parameters
+(`--trainable h.5,ln_f,lm_head` or `--last-blocks 2`); `lora` freezes the base and trains low-rank
+adapters, saved on their own. Training runs through the same `fit()` loop as pretraining.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from omnigpt.chat import read_records, render
+from omnigpt.checkpoint import read_adapter
+from omnigpt.config import TrainConfig, load_json, save_json
+from omnigpt.errors import OmnigptError
+from omnigpt.hf import load_model
+from omnigpt.lora import (
+    LoRAConfig,
+    add_lora,
+    base_checksum,
+    load_adapter_state,
+    lora_layers,
+    merge_lora,
+)
+from omnigpt.model import GPT, IGNORE_INDEX
+from omnigpt.tokenizer import PAD, Tokenizer
+from omnigpt.train import RunResult, fit, setup_distributed
+
+Example = tuple[list[int], list[int]]  # inputs, targets (already shifted by one)
+
+
+@dataclass
+class FinetuneConfig:
+    """What to adapt and how examples become batches."""
+
+    method: str = "full"  # full | partial | lora
+    trainable: tuple[
+        str, ...
+    ] = ()  # partial: parameter names or globs ("h.5", "h.*.attn", "lm_head")
+    last_blocks: int = 0  # partial: also train the last N Transformer blocks
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    pack: bool = False  # pack several examples per row instead of padding
+    too_long: str = "truncate"  # truncate | drop: examples longer than the context
+    epochs: float | None = None  # passes over the examples; sets TrainConfig.max_steps
+    val_fraction: float = 0.05  # held out when no validation file is given
+
+    def __post_init__(self) -> None:
+        if self.method not in ("full", "partial", "lora"):
+            raise OmnigptError(f"unknown fine-tuning method {self.method!r} (full, partial, lora)")
+        if self.too_long not in ("truncate", "drop"):
+            raise OmnigptError(f"--too-long must be truncate or drop, not {self.too_long!r}")
+        if self.method == "partial" and not (self.trainable or self.last_blocks):
+            raise OmnigptError("partial fine-tuning needs --trainable NAMES or --last-blocks N")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in self.__dict__.items() if k != "lora"}
+        d["trainable"] = list(self.trainable)
+        d["lora"] = self.lora.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FinetuneConfig:
+        d = dict(d)
+        d["lora"] = LoRAConfig(**d.get("lora", {}))
+        d["trainable"] = tuple(d.get("trainable", ()))
+        return cls(**d)
+
+
+# -- examples -------------------------------------------------------------------------------------
+
+
+@dataclass
+class ExampleStats:
+    kept: int = 0
+    truncated: int = 0
+    dropped: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.kept:,} examples ({self.truncated:,} truncated, {self.dropped:,} dropped as too long)"
+
+
+def tokenize_records(
+    tokenizer: Tokenizer, records: list[dict], block_size: int, too_long: str = "truncate"
+) -> tuple[list[Example], ExampleStats]:
+    """Renders records into (inputs, targets) of at most `block_size` tokens.
+
+    Too long: `truncate` cuts the end (the example is dropped if no target token is left), `drop`
+    drops it.
+    """
+    examples, stats = [], ExampleStats()
+    for record in records:
+        r = render(tokenizer, record)
+        x, y = r.ids[:-1], r.labels[1:]
+        if len(x) > block_size:
+            if too_long == "drop":
+                stats.dropped += 1
+                continue
+            x, y = x[:block_size], y[:block_size]
+            if all(t == IGNORE_INDEX for t in y):
+                stats.dropped += 1
+                continue
+            stats.truncated += 1
+        examples.append((x, y))
+    stats.kept = len(examples)
+    return examples, stats
+
+
+def _pad_rows(rows: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(len(x) for x, _ in rows)
+    x = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    y = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
+    for i, (xi, yi) in enumerate(rows):
+        x[i, : len(xi)] = torch.tensor(xi)
+        y[i, : len(yi)] = torch.tensor(yi)
+    return x, y
+
+
+def pack_rows(rows: list[list[Example]], block_size: int, pad_id: int) -> tuple:
+    """Rows of several examples each → x, y (B, T), positions (B, T) and a mask (B, 1, T, T) that lets
+    a token see only earlier tokens of its own example."""
+    B, T = len(rows), block_size
+    x = torch.full((B, T), pad_id, dtype=torch.long)
+    y = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+    positions = torch.zeros(B, T, dtype=torch.long)
+    segment = torch.full((B, T), -1, dtype=torch.long)
+    for i, row in enumerate(rows):
+        start = 0
+        for seg, (xi, yi) in enumerate(row):
+            n = len(xi)
+            x[i, start : start + n] = torch.tensor(xi)
+            y[i, start : start + n] = torch.tensor(yi)
+            positions[i, start : start + n] = torch.arange(n)
+            segment[i, start : start + n] = seg
+            start += n
+        segment[i, start:] = torch.arange(len(row), len(row) + T - start)  # each pad on its own
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    mask = (segment[:, :, None] == segment[:, None, :]) & causal
+    return x, y, {"positions": positions, "attn_mask": mask[:, None]}
+
+
+def _packed(examples: list[Example], order: list[int], block_size: int) -> list[list[Example]]:
+    """Greedy first-fit in `order`: a new row starts when the next example does not fit."""
+    rows, row, used = [], [], 0
+    for i in order:
+        n = len(examples[i][0])
+        if row and used + n > block_size:
+            rows.append(row)
+            row, used = [], 0
+        row.append(examples[i])
+        used += n
+    if row:
+        rows.append(row)
+    return rows
+
+
+class ExampleBatches:
+    """Endless shuffled fine-tuning batches; resumable, and split across DDP processes.
+
+    Padded mode sorts each chunk of 50 global batches by length before cutting it into batches (so
+    padding stays small) and shuffles the batch order. Packed mode fills rows of `block_size`.
+    Every process builds the same global batch of `batch_size · world_size` rows and takes its slice.
+    """
+
+    def __init__(
+        self,
+        examples: list[Example],
+        block_size: int,
+        batch_size: int,
+        pad_id: int,
+        seed: int,
+        pack: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        if not examples:
+            raise OmnigptError("no training examples left")
+        self.examples, self.block_size, self.batch_size = examples, block_size, batch_size
+        self.pad_id, self.seed, self.pack = pad_id, seed, pack
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.cursor = 0, 0
+        self._epoch_batches: list[list] | None = None
+
+    def _build_epoch(self) -> list[list]:
+        """The global batches of the current epoch: lists of examples (padded) or of rows (packed)."""
+        rng = random.Random(self.seed * 100_003 + self.epoch)
+        order = list(range(len(self.examples)))
+        rng.shuffle(order)
+        G = self.batch_size * self.world_size
+        if self.pack:
+            units = _packed(self.examples, order, self.block_size)
+        else:
+            units = []
+            chunk = G * 50
+            for c in range(0, len(order), chunk):
+                part = sorted(order[c : c + chunk], key=lambda i: len(self.examples[i][0]))
+                units += [self.examples[i] for i in part]
+        batches = [units[i : i + G] for i in range(0, len(units), G)]
+        if len(batches) > 1 and len(batches[-1]) < G:
+            batches.pop()  # every step sees a full global batch
+        if not self.pack:
+            rng.shuffle(batches)
+        return batches
+
+    def next_batch(self):
+        if self._epoch_batches is None:
+            self._epoch_batches = self._build_epoch()
+        if self.cursor >= len(self._epoch_batches):
+            self.epoch, self.cursor = self.epoch + 1, 0
+            self._epoch_batches = self._build_epoch()
+        batch = self._epoch_batches[self.cursor]
+        self.cursor += 1
+        mine = batch[self.rank :: self.world_size]
+        if self.pack:
+            return pack_rows(mine, self.block_size, self.pad_id)
+        return (*_pad_rows(mine, self.pad_id), {})
+
+    def batches_per_epoch(self) -> int:
+        return len(self._build_epoch())
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.cursor = state["epoch"], state["cursor"]
+        self._epoch_batches = None
+
+
+def eval_batches(
+    examples: list[Example],
+    block_size: int,
+    batch_size: int,
+    pad_id: int,
+    pack: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Iterator[tuple]:
+    """Every example once, in a fixed order (sorted by length when padded); processes split them."""
+    if pack:
+        rows = _packed(examples, list(range(len(examples))), block_size)[rank::world_size]
+        for i in range(0, len(rows), batch_size):
+            yield pack_rows(rows[i : i + batch_size], block_size, pad_id)
+        return
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))[rank::world_size]
+    for i in range(0, len(order), batch_size):
+        yield (*_pad_rows([examples[j] for j in order[i : i + batch_size]], pad_id), {})
+
+
+# -- what to train --------------------------------------------------------------------------------
+
+
+def freeze_except(model: torch.nn.Module, patterns: list[str]) -> list[str]:
+    """Freezes every parameter but those named by `patterns` (a name, a module prefix or a glob).
+
+    Returns the trainable names; raises when a pattern matches nothing.
+    """
+    names = [n for n, _ in model.named_parameters()]
+
+    def hit(name: str, pat: str) -> bool:
+        return (
+            fnmatch.fnmatchcase(name, pat)
+            or name.startswith(pat + ".")
+            or fnmatch.fnmatchcase(name, pat + ".*")
+        )
+
+    for pat in patterns:
+        if not any(hit(n, pat) for n in names):
+            raise OmnigptError(
+                f"--trainable {pat!r} matches no parameter (names look like h.0.attn.c_attn.weight, "
+                "ln_f.weight, lm_head.weight)"
+            )
+    trainable = []
+    for name, p in model.named_parameters():
+        on = any(hit(name, pat) for pat in patterns)
+        p.requires_grad_(on)
+        if on:
+            trainable.append(name)
+    return trainable
+
+
+def count_trainable(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; a tied weight counts once."""
+    seen: dict[int, bool] = {}
+    for p in model.parameters():
+        seen[id(p)] = p.requires_grad
+    sizes = {id(p): p.numel() for p in model.parameters()}
+    return sum(sizes[i] for i, t in seen.items() if t), sum(sizes.values())
+
+
+def prepare_model(model: GPT, cfg: FinetuneConfig) -> str:
+    """Sets up what trains, per `cfg.method`; returns a line describing it."""
+    if cfg.method == "lora":
+        if "lm_head" in cfg.lora.targets and model.config.tie_embeddings:
+            raise OmnigptError(
+                "LoRA on lm_head needs an untied head (it shares its weight with the embedding)"
+            )
+        wrapped = add_lora(model, cfg.lora)
+        what = (
+            f"LoRA rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g} on {len(wrapped)} layers "
+            f"({', '.join(cfg.lora.targets)})"
+        )
+    elif cfg.method == "partial":
+        patterns = list(cfg.trainable)
+        n = model.config.n_layer
+        if cfg.last_blocks > n:
+            raise OmnigptError(f"--last-blocks {cfg.last_blocks}: the model has only {n} blocks")
+        patterns += [f"h.{i}" for i in range(n - cfg.last_blocks, n)]
+        freeze_except(model, patterns)
+        what = f"partial: {', '.join(patterns)}"
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        what = "full fine-tuning"
+    trainable, total = count_trainable(model)
+    return (
+        f"{what}: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.2f}%)"
+    )
+
+
+# -- the entry point ------------------------------------------------------------------------------
+
+
+def finetune(
+    base: str | Path,
+    data: str | Path,
+    out_dir: str | Path,
+    ft_cfg: FinetuneConfig,
+    train_cfg: TrainConfig,
+    val_data: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    resume_overrides: dict[str, Any] | None = None,
+) -> RunResult:
+    """Fine-tunes the model at `base` (an omnigpt run/checkpoint or Hugging Face GPT-2 folder) on the
+    JSONL examples in `data`, into run folder `out_dir`.
+
+    Validation examples come from `val_data`, or are a seeded random `val_fraction` of `data`. With
+    `resume`, the model, data and settings come from the run folder (plus `resume_overrides`).
+    """
+    out_dir = Path(out_dir)
+    if resume:
+        if not (out_dir / "latest").is_dir():
+            raise OmnigptError(f"{out_dir}: nothing to resume (no latest/ checkpoint)")
+        saved = load_json(out_dir / "config.json")
+        train_cfg = TrainConfig.from_dict({**saved["train"], **(resume_overrides or {})})
+        ft_cfg = FinetuneConfig.from_dict(saved["finetune"])
+        base, data, val_data = saved["base"], saved["data"], saved.get("val_data")
+    elif (out_dir / "latest").exists() or (out_dir / "best").exists():
+        raise OmnigptError(
+            f"{out_dir} already holds a run; pass --resume to continue it, or choose another --out"
+        )
+    records = read_records(data)
+    val_records = read_records(val_data) if val_data else None
+    dist_info = setup_distributed(train_cfg.device)
+    if resume and ft_cfg.method != "lora":
+        model, tokenizer = load_model(out_dir / "latest")
+    else:
+        model, tokenizer = load_model(base)
+        merge_lora(model)  # a LoRA run as the base: its adapters become part of the weights
+    model.train()
+    pad_id = tokenizer.token_id(PAD)
+    if pad_id is None:
+        pad_id = tokenizer.eot_id if tokenizer.eot_id is not None else 0
+    block_size = model.config.block_size
+
+    if val_records is None:
+        order = list(range(len(records)))
+        random.Random(train_cfg.seed).shuffle(order)
+        n_val = max(1, math.ceil(len(records) * ft_cfg.val_fraction)) if len(records) > 1 else 0
+        val_records = [records[i] for i in order[:n_val]] or records
+        records = [records[i] for i in order[n_val:]] or records
+    train_examples, train_stats = tokenize_records(tokenizer, records, block_size, ft_cfg.too_long)
+    val_examples, val_stats = tokenize_records(tokenizer, val_records, block_size, ft_cfg.too_long)
+    if not val_examples:
+        raise OmnigptError(f"no validation example fits the context of {block_size} tokens")
+
+    torch.manual_seed(train_cfg.seed)  # the same initial adapters on every process
+    what = prepare_model(model, ft_cfg)
+    extra: dict[str, Any] = {"finetune": ft_cfg.to_dict()}
+    if ft_cfg.method == "lora":
+        extra["base"] = str(Path(base).resolve()) if Path(base).exists() else str(base)
+        extra["base_checksum"] = base_checksum(model, list(lora_layers(model)))
+        if resume:
+            load_adapter_state(model, read_adapter(out_dir / "latest"), str(out_dir / "latest"))
+
+    torch.manual_seed(train_cfg.seed + dist_info.rank)
+    batches = ExampleBatches(
+        train_examples,
+        block_size,
+        train_cfg.batch_size,
+        pad_id,
+        train_cfg.seed,
+        ft_cfg.pack,
+        dist_info.rank,
+        dist_info.world_size,
+    )
+
+    if ft_cfg.epochs and not resume:
+        per_epoch = batches.batches_per_epoch() / train_cfg.grad_accum
+        train_cfg.max_steps = max(1, math.ceil(ft_cfg.epochs * per_epoch))
+
+    def val_batches():
+        return eval_batches(
+            val_examples,
+            block_size,
+            train_cfg.batch_size,
+            pad_id,
+            ft_cfg.pack,
+            dist_info.rank,
+            dist_info.world_size,
+        )
+
+    if dist_info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        print(model.describe())
+        print(what)
+        print(f"train: {train_stats}; validation: {val_stats}")
+        if not resume:
+            save_json(
+                out_dir / "config.json",
+                {
+                    "model": model.config.to_dict(),
+                    "train": train_cfg.to_dict(),
+                    "finetune": ft_cfg.to_dict(),
+                    "base": extra.get("base", str(base)),
+                    "data": str(Path(data).resolve()),
+                    "val_data": str(Path(val_data).resolve()) if val_data else None,
+                    "tokenizer_fingerprint": tokenizer.fingerprint,
+                },
+            )
+            tokenizer.save(out_dir)
+    return fit(
+        model,
+        tokenizer,
+        batches,
+        val_batches,
+        train_cfg,
+        out_dir,
+        dist_info,
+        resume,
+        progress,
+        extra_config=extra,
+    )
