@@ -46,6 +46,8 @@ bench: install
 	$(PY) benchmarks/shakespeare_char.py --data ../shared/data/tinyshakespeare/input.txt --seconds 90
 	$(PY) benchmarks/generation_speed.py
 	$(PY) benchmarks/hf_interop.py
+	@# about 55 minutes: pretraining, full fine-tuning and LoRA, each within the 30-minute budget
+	$(PY) benchmarks/multi30k.py --data ../shared/data/multi30k --out runs/multi30k-$$(date +%Y%m%d-%H%M%S)
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info .pytest_cache

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from omnigpt.chat import format_chat, parse_chat, read_records, render, render_conversation
-from omnigpt.checkpoint import save_checkpoint
+from omnigpt.checkpoint import load_checkpoint, save_checkpoint
 from omnigpt.config import ModelConfig, TrainConfig
 from omnigpt.errors import OmnigptError
 from omnigpt.evaluate import evaluate
@@ -297,6 +297,8 @@ def test_lora_run_saves_small_adapters_that_load_onto_the_base(tmp_path, base_di
     assert set(adapter_state(tuned)) and lora_layers(tuned)
     x = torch.randint(0, 40, (1, 10))
     assert not torch.allclose(tuned(x)[0], base(x)[0])
+    with pytest.raises(OmnigptError, match="LoRA adapter checkpoint"):
+        load_checkpoint(latest)  # the plain loader says what to use instead
     # merged into the weights, the model gives the same logits without adapters
     before = tuned(x)[0]
     merge_lora(tuned)

@@ -123,6 +123,11 @@ def load_checkpoint(
 ) -> tuple[GPT, Tokenizer]:
     """The model (in eval mode) and tokenizer of a checkpoint; a different tokenizer is refused."""
     folder = resolve(path)
+    if is_adapter(folder):
+        raise OmnigptError(
+            f"{folder}: a LoRA adapter checkpoint; load it with omnigpt.hf.load_model (base + "
+            "adapters), or merge it first with `omnigpt convert --merge-lora`"
+        )
     config = load_json(folder / CONFIG)
     if "model" not in config:
         raise OmnigptError(

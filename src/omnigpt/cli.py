@@ -665,6 +665,12 @@ def cmd_chat(args: argparse.Namespace) -> None:
         if dropped and interactive:
             print(f"(dropped the {dropped} oldest message(s) to stay within the context)")
         prompt = render_conversation(tokenizer, system + history)
+        if len(prompt) >= model.config.block_size:
+            print(
+                f"(that message is too long for the model's context of {model.config.block_size} tokens)"
+            )
+            history.pop()
+            continue
         stream = tokenizer.stream()
         sys.stdout.write("assistant> " if interactive else "")
 
