@@ -29,8 +29,6 @@ from omnigpt.checkpoint import load_checkpoint, load_trainer_state, save_checkpo
 from omnigpt.config import ModelConfig, TrainConfig, load_json, save_json
 from omnigpt.data import RandomWindows, load_tokens, sequential_windows
 from omnigpt.errors import OmnigptError
-from omnigpt.hf import load_model
-from omnigpt.lora import merge_lora
 from omnigpt.model import GPT, IGNORE_INDEX
 from omnigpt.tokenizer import Tokenizer
 
@@ -482,9 +480,7 @@ def pretrain(
             )
         tokenizer = Tokenizer.load(data_dir)
         if init_from is not None:
-            # any omnigpt checkpoint, Hugging Face folder, or LoRA run (merged into its base)
-            model, ckpt_tokenizer = load_model(init_from)
-            merge_lora(model)
+            model, ckpt_tokenizer = load_checkpoint(init_from)
             if ckpt_tokenizer.fingerprint != tokenizer.fingerprint:
                 raise OmnigptError(
                     f"{init_from} was trained with another tokenizer than {data_dir}"
