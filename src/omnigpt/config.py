@@ -84,6 +84,109 @@ class ModelConfig:
         return cls(**d)
 
 
+@dataclass
+class VisionConfig:
+    """A Vision Transformer: images resized to `image_size`², cut into `patch_size`² patches."""
+
+    image_size: int = 64
+    patch_size: int = 8
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    shuffle: int = 2  # the projector merges shuffle × shuffle neighbouring patches into one token
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise OmnigptError(
+                f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})"
+            )
+        if self.grid % self.shuffle:
+            raise OmnigptError(
+                f"the {self.grid}×{self.grid} patch grid does not divide by shuffle {self.shuffle}"
+            )
+        if self.n_embd % self.n_head:
+            raise OmnigptError(
+                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
+            )
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size  # patches per side
+
+    @property
+    def tokens(self) -> int:
+        """Decoder tokens per image, after the projector's pixel shuffle."""
+        return (self.grid // self.shuffle) ** 2
+
+    def encoder_config(self) -> ModelConfig:
+        """The shape of the encoder's Transformer blocks (bidirectional, GELU, LayerNorm)."""
+        return ModelConfig(
+            vocab_size=1,
+            block_size=self.grid**2,
+            n_layer=self.n_layer,
+            n_head=self.n_head,
+            n_embd=self.n_embd,
+            dropout=self.dropout,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class AudioConfig:
+    """A Whisper-style audio encoder over log-mel frames.
+
+    Audio is resampled to `sample_rate`; one mel frame every `hop_length` samples (10 ms at 16 kHz);
+    the convolutional stem halves the frame rate (20 ms per encoder position), and the projector
+    stacks `stack` positions into one decoder token (40 ms per audio token by default).
+    """
+
+    sample_rate: int = 16000
+    n_fft: int = 400  # 25 ms window at 16 kHz
+    hop_length: int = 160  # 10 ms
+    n_mels: int = 80
+    max_seconds: float = 10.0  # longest clip the position table covers
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    stack: int = 2
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head:
+            raise OmnigptError(
+                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
+            )
+
+    @property
+    def max_frames(self) -> int:
+        """Mel frames in `max_seconds` of audio."""
+        return int(self.max_seconds * self.sample_rate) // self.hop_length + 1
+
+    def positions(self, frames: int) -> int:
+        """Encoder positions for `frames` mel frames (the stem's second convolution has stride 2)."""
+        return (frames + 1) // 2
+
+    def tokens(self, frames: int) -> int:
+        """Decoder tokens for `frames` mel frames, after frame stacking."""
+        return -(-self.positions(frames) // self.stack)
+
+    def encoder_config(self) -> ModelConfig:
+        return ModelConfig(
+            vocab_size=1,
+            block_size=self.positions(self.max_frames),
+            n_layer=self.n_layer,
+            n_head=self.n_head,
+            n_embd=self.n_embd,
+            dropout=self.dropout,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 # Tiny presets train on a laptop CPU in minutes; the gpt2* presets are GPT-2's published shapes.
 PRESETS: dict[str, dict[str, Any]] = {
     "nano": dict(n_layer=2, n_head=2, n_embd=64, block_size=128),

@@ -1,0 +1,54 @@
+"""The audio encoder, as Whisper's: log-mel frames → two convolutions → sinusoidal positions →
+bidirectional Transformer blocks (the decoder's `Block` with causal=False) → LayerNorm.
+
+    encoder = AudioEncoder(AudioConfig())
+    features = encoder(mel, frames)   # (B, n_mels, T) and true lengths (B,) → (B, ceil(T/2), n_embd)
+
+The second convolution has stride 2, so one encoder position covers two mel frames (20 ms at the
+default 10 ms hop). Padded frames of shorter clips in a batch are hidden from attention.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from omnigpt.config import AudioConfig
+from omnigpt.model.attention import Block, make_norm, sinusoidal_table
+
+
+class AudioEncoder(nn.Module):
+    def __init__(self, cfg: AudioConfig):
+        super().__init__()
+        self.config = cfg
+        block_cfg = cfg.encoder_config()
+        self.conv1 = nn.Conv1d(cfg.n_mels, cfg.n_embd, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv1d(cfg.n_embd, cfg.n_embd, kernel_size=3, stride=2, padding=1)
+        self.register_buffer(
+            "pos_table", sinusoidal_table(block_cfg.block_size, cfg.n_embd), persistent=False
+        )
+        self.blocks = nn.ModuleList([Block(block_cfg, causal=False) for _ in range(cfg.n_layer)])
+        self.norm = make_norm(block_cfg)
+
+    def forward(self, mel: torch.Tensor, frames: torch.Tensor | None = None) -> torch.Tensor:
+        """Features (B, ceil(T/2), n_embd) of log-mel frames (B, n_mels, T); `frames` (B,) gives each
+        clip's true length when the batch is padded."""
+        x = F.gelu(self.conv1(mel))  # (B, C, T)
+        if frames is not None:  # zero past each clip's end, as the convolution's own padding is
+            x = x * (torch.arange(x.size(-1), device=x.device)[None] < frames[:, None])[:, None]
+        x = F.gelu(self.conv2(x)).transpose(1, 2)  # (B, T', C)
+        T = x.size(1)
+        if T > self.pos_table.size(0):
+            raise ValueError(
+                f"{mel.size(-1)} mel frames exceed the encoder's {self.config.max_seconds:g} s"
+            )
+        x = x + self.pos_table[:T]
+        mask = None
+        if frames is not None:
+            positions = (frames + 1) // 2  # AudioConfig.positions, per clip
+            valid = torch.arange(T, device=x.device)[None] < positions[:, None]
+            mask = valid[:, None, None, :]  # (B, 1, 1, T'): every position sees the valid ones
+        for block in self.blocks:
+            x = block(x, mask=mask)
+        return self.norm(x)

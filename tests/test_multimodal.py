@@ -1,0 +1,134 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from omnigpt.config import AudioConfig, VisionConfig
+from omnigpt.errors import OmnigptError
+from omnigpt.media import load_audio, load_image, log_mel, resample
+from omnigpt.model.audio import AudioEncoder
+from omnigpt.model.fusion import Projector, pixel_shuffle, splice, stack_frames
+from omnigpt.model.vision import VisionEncoder
+
+VISION = VisionConfig(image_size=32, patch_size=8, n_layer=1, n_head=2, n_embd=16, shuffle=2)
+AUDIO = AudioConfig(
+    sample_rate=8000,
+    n_fft=200,
+    hop_length=80,
+    n_mels=20,
+    max_seconds=2.0,
+    n_layer=1,
+    n_head=2,
+    n_embd=16,
+    stack=2,
+)
+
+
+# -- images ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", ["png", "jpg", "bmp"])
+def test_images_of_any_size_and_format_become_encoder_tokens(tmp_path, suffix):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / f"img.{suffix}"
+    Image.fromarray(rng.integers(0, 255, (37, 50, 3), dtype=np.uint8)).save(path)
+    image = load_image(path, VISION.image_size)
+    assert image.shape == (3, 32, 32) and -1.0 <= image.min() and image.max() <= 1.0
+    features = VisionEncoder(VISION)(image[None])
+    assert features.shape == (1, VISION.grid**2, 16)
+    tokens = Projector(16, 48, reduce=VISION.shuffle**2)(pixel_shuffle(features, VISION.shuffle))
+    assert tokens.shape == (1, VISION.tokens, 48) and VISION.tokens == 4
+
+
+def test_pixel_shuffle_groups_neighbouring_patches():
+    grid = torch.arange(16, dtype=torch.float32).view(1, 16, 1)  # patch ids of a 4×4 grid
+    merged = pixel_shuffle(grid, 2)
+    assert merged.shape == (1, 4, 4)
+    assert merged[0].tolist() == [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]]
+
+
+def test_unreadable_images_name_their_path(tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG not really")
+    with pytest.raises(OmnigptError, match="broken.png: cannot read image"):
+        load_image(bad, 32)
+    with pytest.raises(OmnigptError, match="missing.png: image not found"):
+        load_image(tmp_path / "missing.png", 32)
+
+
+# -- audio ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("orig,new", [(8000, 16000), (16000, 8000), (8000, 22050), (44100, 16000)])
+def test_resampling_keeps_a_tone(orig, new):
+    seconds = 0.5
+    wave = torch.sin(2 * math.pi * 440 * torch.arange(int(orig * seconds)) / orig)
+    out = resample(wave, orig, new)
+    assert out.numel() == math.ceil(new * seconds)
+    expected = torch.sin(2 * math.pi * 440 * torch.arange(out.numel()) / new)
+    edge = new // 50  # the first and last 20 ms see the zero padding
+    assert (out - expected)[edge:-edge].abs().max() < 2e-3
+
+
+@pytest.mark.parametrize("fmt", ["WAV", "FLAC", "OGG"])
+def test_audio_files_are_read_mono_and_resampled(tmp_path, fmt):
+    import soundfile
+
+    rate = 16000
+    t = np.arange(rate // 2) / rate
+    stereo = np.stack([np.sin(2 * np.pi * 300 * t), np.sin(2 * np.pi * 300 * t)], axis=1) * 0.5
+    path = tmp_path / f"clip.{fmt.lower()}"
+    soundfile.write(path, stereo.astype(np.float32), rate, format=fmt)
+    wave = load_audio(path, AUDIO.sample_rate)
+    assert wave.ndim == 1 and wave.numel() == 4000
+    assert 0.3 < wave.abs().max() < 0.7
+
+
+def test_unreadable_audio_names_its_path(tmp_path):
+    bad = tmp_path / "noise.wav"
+    bad.write_bytes(b"RIFF\x00\x00junk")
+    with pytest.raises(OmnigptError, match="noise.wav: cannot read audio"):
+        load_audio(bad, 8000)
+
+
+def test_log_mel_frames_and_the_tone_bin():
+    wave = torch.sin(2 * math.pi * 1000 * torch.arange(8000) / 8000.0)  # 1 s at 8 kHz
+    mel = log_mel(wave, AUDIO)
+    assert mel.shape == (20, 8000 // 80 + 1)
+    # 1 kHz sits at mel 1000 of mel(4 kHz) ≈ 2146: filter ≈ 21 · 1000/2146 − 1 ≈ 9
+    assert int(mel[:, 50].argmax()) in (8, 9, 10)
+
+
+def test_audio_encoder_lengths_and_padding_do_not_change_features():
+    torch.manual_seed(0)
+    encoder = AudioEncoder(AUDIO).eval()
+    short, long = torch.randn(20, 37), torch.randn(20, 60)
+    alone = encoder(short[None])
+    assert alone.shape == (1, AUDIO.positions(37), 16) == (1, 19, 16)
+    batch = torch.zeros(2, 20, 60)
+    batch[0, :, :37], batch[1] = short, long
+    padded = encoder(batch, torch.tensor([37, 60]))
+    torch.testing.assert_close(padded[0, :19], alone[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(padded[1], encoder(long[None])[0], atol=1e-5, rtol=1e-4)
+    tokens = Projector(16, 32, reduce=AUDIO.stack)(stack_frames(alone, AUDIO.stack))
+    assert tokens.shape == (1, AUDIO.tokens(37), 32) == (1, 10, 32)
+
+
+# -- splicing -------------------------------------------------------------------------------------
+
+
+def test_splice_puts_media_exactly_at_placeholders():
+    P = 7
+    tokens = torch.tensor([[1, P, P, 2, 3], [P, 4, 5, P, 6]])
+    embeds = torch.zeros(2, 5, 3)
+    media = torch.arange(1, 13, dtype=torch.float32).view(4, 3)
+    out = splice(embeds, tokens, P, media)
+    assert torch.equal(out[0, 1], media[0]) and torch.equal(out[0, 2], media[1])
+    assert torch.equal(out[1, 0], media[2]) and torch.equal(out[1, 3], media[3])
+    assert out[tokens != P].abs().sum() == 0  # text positions untouched
+    assert embeds.abs().sum() == 0  # the input is not modified
+    with pytest.raises(OmnigptError, match="4 placeholder tokens in the text but 3 media"):
+        splice(embeds, tokens, P, media[:3])
