@@ -132,3 +132,62 @@ def test_splice_puts_media_exactly_at_placeholders():
     assert embeds.abs().sum() == 0  # the input is not modified
     with pytest.raises(OmnigptError, match="4 placeholder tokens in the text but 3 media"):
         splice(embeds, tokens, P, media[:3])
+
+
+# -- the decoder with its encoders ----------------------------------------------------------------
+
+
+def _multimodal(vocab: int = 40):
+    from omnigpt.config import ModelConfig
+    from omnigpt.model import GPT
+    from omnigpt.model.fusion import MultimodalGPT
+
+    torch.manual_seed(0)
+    gpt = GPT(ModelConfig(vocab_size=vocab, block_size=64, n_layer=2, n_head=2, n_embd=32))
+    return MultimodalGPT(gpt, VISION, AUDIO, image_id=2, audio_id=3).eval()
+
+
+def test_media_embeddings_land_at_their_placeholders():
+    model = _multimodal()
+    images = torch.randn(2, 3, 32, 32)
+    tokens = torch.tensor([[5, 2, 2, 2, 2, 6, 2, 2, 2, 2, 7]])  # two images of 4 tokens each
+    embeds = model.embed(tokens, images=images)
+    image_tokens = model.image_tokens(images)
+    torch.testing.assert_close(embeds[0, 1:5], image_tokens[:4])
+    torch.testing.assert_close(embeds[0, 6:10], image_tokens[4:])
+    torch.testing.assert_close(embeds[0, [0, 5, 10]], model.wte(tokens[0, [0, 5, 10]]))
+    with pytest.raises(OmnigptError, match="8 placeholder tokens in the text but 4"):
+        model.embed(tokens, images=images[:1])
+    mel = torch.randn(1, 20, 37)
+    n = AUDIO.tokens(37)
+    clip = torch.tensor([[5] + [3] * n + [6]])
+    torch.testing.assert_close(
+        model.embed(clip, mel=mel)[0, 1 : n + 1], model.audio_tokens(mel, torch.tensor([37]))
+    )
+
+
+def test_cached_generation_with_media_matches_full_recomputation():
+    from omnigpt.generate import GenerationOptions, generate_tokens
+
+    model = _multimodal()
+    n_audio = AUDIO.tokens(37)
+    prompts = [
+        [5, 6] + [2] * 4 + [7] + [3] * n_audio + [8],  # an image and a clip
+        [9] + [2] * 4 + [10, 11] + [2] * 4,  # two images, shorter: left-padded in the batch
+    ]
+    images = torch.randn(3, 3, 32, 32)
+    mel = torch.zeros(1, 20, 37).normal_()
+    opts = GenerationOptions(max_new_tokens=8, temperature=0)
+    media = {"images": images, "mel": mel, "frames": torch.tensor([37])}
+    cached = generate_tokens(model, prompts, opts, eot_id=None, prefill_inputs=media)
+    row_media = [
+        {"images": images[:1], "mel": mel, "frames": torch.tensor([37])},
+        {"images": images[1:]},
+    ]
+    for prompt, inputs, got in zip(prompts, row_media, cached, strict=True):
+        ids = list(prompt)
+        with torch.no_grad():
+            for _ in range(8):
+                logits, _ = model(torch.tensor([ids]), **inputs)
+                ids.append(int(logits[0, -1].argmax()))
+        assert got == ids[len(prompt) :]

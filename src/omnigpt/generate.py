@@ -118,9 +118,12 @@ def generate_tokens(
     vocab_limit: int | None = None,
     on_step: Callable[[list[int]], Sequence[bool] | None] | None = None,
     first_allowed: Sequence[Sequence[int] | None] | None = None,
+    prefill_inputs: dict | None = None,
 ) -> list[list[int]]:
     """New tokens for each prompt (EOT excluded), decoded together on the KV cache.
 
+    `prefill_inputs` are extra model inputs for the prompt pass only: a multimodal model's images
+    and audio, encoded once into the cache.
     `eot_id` is the end-of-text id, or several ids that each end a sequence (a chat model's
     `<|end|>` and `<|endoftext|>`).
     `vocab_limit` restricts sampling to the tokenizer's ids (the embedding may be padded larger).
@@ -160,10 +163,15 @@ def generate_tokens(
         mask |= torch.eye(T, dtype=torch.bool, device=device)
         positions = (torch.arange(T, device=device)[None] - pads[:, None]).clamp(min=0)
         logits, _ = model(
-            tokens, positions=positions, attn_mask=mask, caches=caches, last_only=True
+            tokens,
+            positions=positions,
+            attn_mask=mask,
+            caches=caches,
+            last_only=True,
+            **(prefill_inputs or {}),
         )
     else:
-        logits, _ = model(tokens, caches=caches, last_only=True)
+        logits, _ = model(tokens, caches=caches, last_only=True, **(prefill_inputs or {}))
 
     vocab = vocab_limit or logits.size(-1)
     seen = None

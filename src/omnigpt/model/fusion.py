@@ -1,5 +1,5 @@
-"""Fusion: projectors that map encoder features to the decoder's width, and the splice that puts
-them at the placeholder tokens of the text.
+"""Fusion: projectors that map encoder features to the decoder's width, the splice that puts them
+at the placeholder tokens of the text, and `MultimodalGPT`, the decoder with its encoders.
 
     image_tokens = Projector(128, 256, reduce=4)(pixel_shuffle(features, 2))   # (B, 16, 256)
     embeds = splice(model.wte(tokens), tokens, IMAGE_ID, image_tokens.flatten(0, 1))
@@ -14,7 +14,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from omnigpt.config import AudioConfig, VisionConfig
 from omnigpt.errors import OmnigptError
+from omnigpt.model.audio import AudioEncoder
+from omnigpt.model.gpt import GPT
+from omnigpt.model.vision import VisionEncoder
 
 
 def pixel_shuffle(x: torch.Tensor, factor: int) -> torch.Tensor:
@@ -61,3 +65,97 @@ def splice(
     out = embeds.clone()
     out[where] = media.to(out.dtype)
     return out
+
+
+class MultimodalGPT(nn.Module):
+    """A GPT that reads images and audio: each modality's encoder and projector feed embeddings into
+    the decoder at that modality's placeholder tokens.
+
+        model = MultimodalGPT(gpt, VisionConfig(), AudioConfig(), image_id=2, audio_id=3)
+        logits, loss = model(tokens, targets, images=images, mel=mel, frames=frames)
+
+    `images` (N, 3, S, S) are the images of the whole batch in order of appearance; `mel`
+    (M, n_mels, T) and `frames` (M,) the clips. A text-only call (decoding with the KV cache after a
+    prompt's media were read) costs what the plain GPT costs.
+    """
+
+    def __init__(
+        self,
+        gpt: GPT,
+        vision: VisionConfig | None,
+        audio: AudioConfig | None,
+        image_id: int,
+        audio_id: int,
+    ):
+        super().__init__()
+        self.gpt = gpt
+        self.image_id, self.audio_id = image_id, audio_id
+        width = gpt.config.n_embd
+        self.vision = VisionEncoder(vision) if vision else None
+        self.image_proj = Projector(vision.n_embd, width, vision.shuffle**2) if vision else None
+        self.audio = AudioEncoder(audio) if audio else None
+        self.audio_proj = Projector(audio.n_embd, width, audio.stack) if audio else None
+
+    # the decoder's interface, for generation
+    @property
+    def config(self):
+        return self.gpt.config
+
+    @property
+    def wte(self) -> nn.Embedding:
+        return self.gpt.wte
+
+    def make_caches(self, *args, **kwargs):
+        return self.gpt.make_caches(*args, **kwargs)
+
+    def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """Decoder-width tokens (N · VisionConfig.tokens, C) of images (N, 3, S, S)."""
+        if self.vision is None:
+            raise OmnigptError("this model has no image encoder")
+        features = pixel_shuffle(self.vision(images), self.vision.config.shuffle)
+        return self.image_proj(features).flatten(0, 1)
+
+    def audio_tokens(self, mel: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+        """Decoder-width tokens of clips (M, n_mels, T) with lengths `frames` (M,): each clip's own
+        AudioConfig.tokens(frames) rows, concatenated."""
+        if self.audio is None:
+            raise OmnigptError("this model has no audio encoder")
+        cfg = self.audio.config
+        tokens = self.audio_proj(stack_frames(self.audio(mel, frames), cfg.stack))  # (M, T'', C)
+        return torch.cat([t[: cfg.tokens(int(n))] for t, n in zip(tokens, frames, strict=True)])
+
+    def embed(
+        self,
+        tokens: torch.Tensor,
+        images: torch.Tensor | None = None,
+        mel: torch.Tensor | None = None,
+        frames: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings (B, T, C) with every image and clip spliced in at its placeholders.
+
+        Without media, placeholders keep their plain token embedding (a decode step never brings
+        new media); with media, their count must match the placeholders exactly."""
+        x = self.gpt.wte(tokens)
+        if images is not None:
+            x = splice(x, tokens, self.image_id, self.image_tokens(images))
+        if mel is not None:
+            if frames is None:
+                frames = torch.full((mel.size(0),), mel.size(-1), device=mel.device)
+            x = splice(x, tokens, self.audio_id, self.audio_tokens(mel, frames))
+        return x
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        images: torch.Tensor | None = None,
+        mel: torch.Tensor | None = None,
+        frames: torch.Tensor | None = None,
+        **decoder_kwargs,
+    ):
+        """As GPT.forward, with the media of the batch; `decoder_kwargs` are GPT.forward's
+        (positions, attn_mask, caches, start_pos, last_only)."""
+        return self.gpt(
+            embeddings=self.embed(tokens, images, mel, frames), targets=targets, **decoder_kwargs
+        )
