@@ -191,3 +191,53 @@ def test_cached_generation_with_media_matches_full_recomputation():
                 logits, _ = model(torch.tensor([ids]), **inputs)
                 ids.append(int(logits[0, -1].argmax()))
         assert got == ids[len(prompt) :]
+
+
+# -- built-in data --------------------------------------------------------------------------------
+
+
+def test_shapes_scenes_are_seeded_and_their_answers_true():
+    import random
+
+    from omnigpt.synthetic import COLOURS, NUMBERS, shapes_scene
+
+    a, b = shapes_scene(random.Random(5)), shapes_scene(random.Random(5))
+    assert a.caption == b.caption and np.array_equal(np.asarray(a.image), np.asarray(b.image))
+    for seed in range(40):
+        scene = shapes_scene(random.Random(seed))
+        pixels = np.asarray(scene.image).astype(int)
+        assert 1 <= len(scene.shapes) <= 3
+        assert scene.caption.count(" a ") + scene.caption.startswith("a ") == len(scene.shapes)
+        xs = [s.x for s in scene.shapes]
+        assert xs == sorted(xs)  # the caption reads left to right
+        for s in scene.shapes:  # each shape's colour is drawn where it stands
+            y = s.y + s.size // 4 if s.kind == "triangle" else s.y
+            assert np.abs(pixels[y, s.x] - COLOURS[s.colour]).max() < 5
+        answers = dict(scene.questions)
+        assert answers["how many shapes are there?"] == NUMBERS[len(scene.shapes)]
+        for q, ans in scene.questions:
+            if q.startswith("what colour is the "):
+                kind = q.removeprefix("what colour is the ").rstrip("?")
+                assert [s.colour for s in scene.shapes if s.kind == kind] == [ans]
+            if q.startswith("which is further left"):
+                leftmost = min(
+                    (s for s in scene.shapes if f"the {s.colour} {s.kind}" in q), key=lambda s: s.x
+                )
+                assert ans == f"the {leftmost.colour} {leftmost.kind}"
+
+
+def test_keypad_clips_hold_the_digits_they_name():
+    import random
+
+    from omnigpt.synthetic import COLUMN_HZ, KEYS, ROW_HZ, SAMPLE_RATE, keypad_clip
+
+    clip = keypad_clip(random.Random(3), digits=(1, 1))
+    key = clip.text
+    assert key in KEYS and clip.wave.dtype == np.float32 and np.abs(clip.wave).max() <= 1
+    spectrum = np.abs(np.fft.rfft(clip.wave))
+    freqs = np.fft.rfftfreq(clip.wave.size, 1 / SAMPLE_RATE)
+    row, col = KEYS[key]
+    loudest = sorted(freqs[np.argsort(spectrum)[-2:]])
+    assert abs(loudest[0] - ROW_HZ[row]) < 15 and abs(loudest[1] - COLUMN_HZ[col]) < 15
+    texts = {keypad_clip(random.Random(s)).text for s in range(20)}
+    assert len(texts) > 15  # seeds give different utterances

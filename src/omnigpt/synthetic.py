@@ -1,0 +1,168 @@
+"""Built-in multimodal data, generated from a seed, so nothing needs downloading.
+
+    scene = shapes_scene(random.Random(0))        # .image (Pillow), .caption, .questions [(q, a), ...]
+    clip = keypad_clip(random.Random(0))          # .wave (float32 samples at 8 kHz), .text "4 1 7"
+
+*Shapes*: one to three coloured shapes (circle, square, triangle) of different sizes at random,
+non-overlapping places on a light, slightly noisy background. The caption names them left to right
+("a red circle and a blue square"); questions ask for a colour, a shape, the count, and which of two
+shapes is further left. Every answer is true by construction.
+
+*Keypad tones*: telephone (DTMF) digits, each the sum of a row and a column tone, with random
+durations, gaps, loudness and background noise; the transcript is the digits, space-separated. It is
+a genuine audio-to-text task: the digits are only in the sound.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# -- shapes ---------------------------------------------------------------------------------------
+
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 200, 30),
+    "purple": (140, 50, 170),
+}
+SHAPES = ("circle", "square", "triangle")
+NUMBERS = ("zero", "one", "two", "three")
+IMAGE_SIZE = 64  # pixels per side of a generated scene
+SHAPE_SIZES = (14, 24)  # smallest and largest shape, in pixels across
+
+
+@dataclass
+class Shape:
+    kind: str
+    colour: str
+    x: int  # centre, pixels from the left
+    y: int  # centre, pixels from the top
+    size: int  # pixels across
+
+
+@dataclass
+class Scene:
+    image: object  # PIL.Image.Image
+    shapes: list[Shape]
+    caption: str
+    questions: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _join(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def _place(rng: random.Random, count: int, size: int) -> list[Shape]:
+    """Non-overlapping shapes (bounding circles apart), retrying until they fit."""
+    while True:
+        shapes: list[Shape] = []
+        for _ in range(200):
+            s = rng.randint(*SHAPE_SIZES)
+            r = s // 2 + 1
+            cand = Shape(
+                rng.choice(SHAPES),
+                rng.choice(list(COLOURS)),
+                rng.randint(r, size - r),
+                rng.randint(r, size - r),
+                s,
+            )
+            if all(
+                math.hypot(cand.x - o.x, cand.y - o.y) > (cand.size + o.size) / 2 + 3
+                for o in shapes
+            ):
+                shapes.append(cand)
+            if len(shapes) == count:
+                return sorted(shapes, key=lambda sh: sh.x)
+
+
+def _draw(shapes: list[Shape], size: int, rng: random.Random):
+    from PIL import Image, ImageDraw
+
+    background = np.full((size, size, 3), rng.randint(225, 250), dtype=np.int16)
+    noise = np.random.default_rng(rng.getrandbits(32)).integers(-8, 9, (size, size, 3))
+    image = Image.fromarray(np.clip(background + noise, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for s in shapes:
+        h = s.size / 2
+        box = (s.x - h, s.y - h, s.x + h, s.y + h)
+        colour = COLOURS[s.colour]
+        if s.kind == "circle":
+            draw.ellipse(box, fill=colour)
+        elif s.kind == "square":
+            draw.rectangle(box, fill=colour)
+        else:
+            draw.polygon([(s.x, s.y - h), (s.x - h, s.y + h), (s.x + h, s.y + h)], fill=colour)
+    return image
+
+
+def _questions(shapes: list[Shape], rng: random.Random) -> list[tuple[str, str]]:
+    qa = [("how many shapes are there?", NUMBERS[len(shapes)])]
+    kinds = [s.kind for s in shapes]
+    colours = [s.colour for s in shapes]
+    for s in shapes:
+        if kinds.count(s.kind) == 1:
+            qa.append((f"what colour is the {s.kind}?", s.colour))
+        if colours.count(s.colour) == 1:
+            qa.append((f"what shape is the {s.colour} one?", s.kind))
+    named = [
+        s for s in shapes if [(o.colour, o.kind) for o in shapes].count((s.colour, s.kind)) == 1
+    ]
+    if len(named) >= 2:
+        a, b = rng.sample(named, 2)
+        left = a if a.x < b.x else b
+        qa.append(
+            (
+                f"which is further left, the {a.colour} {a.kind} or the {b.colour} {b.kind}?",
+                f"the {left.colour} {left.kind}",
+            )
+        )
+    return qa
+
+
+def shapes_scene(rng: random.Random, size: int = IMAGE_SIZE) -> Scene:
+    shapes = _place(rng, rng.randint(1, 3), size)
+    caption = _join([f"a {s.colour} {s.kind}" for s in shapes])
+    return Scene(_draw(shapes, size, rng), shapes, caption, _questions(shapes, rng))
+
+
+# -- keypad tones ---------------------------------------------------------------------------------
+
+SAMPLE_RATE = 8000  # Hz, as telephone audio
+ROW_HZ = (697, 770, 852, 941)
+COLUMN_HZ = (1209, 1336, 1477)
+KEYS = {"1": (0, 0), "2": (0, 1), "3": (0, 2), "4": (1, 0), "5": (1, 1), "6": (1, 2),
+        "7": (2, 0), "8": (2, 1), "9": (2, 2), "0": (3, 1)}  # fmt: skip
+TONE_SECONDS = (0.07, 0.16)  # each key press
+GAP_SECONDS = (0.04, 0.15)  # silence between presses, and at either end
+SNR_DB = (8.0, 30.0)  # signal-to-noise ratio of the added white noise
+
+
+@dataclass
+class Clip:
+    wave: np.ndarray  # float32 samples in [-1, 1] at SAMPLE_RATE
+    text: str  # the digits, space-separated
+
+
+def keypad_clip(rng: random.Random, digits: tuple[int, int] = (1, 6)) -> Clip:
+    """A clip of 1 to 6 key presses (by default) with random timing, loudness and noise."""
+    keys = [rng.choice(list(KEYS)) for _ in range(rng.randint(*digits))]
+    parts = [np.zeros(int(rng.uniform(*GAP_SECONDS) * SAMPLE_RATE), dtype=np.float32)]
+    for key in keys:
+        n = int(rng.uniform(*TONE_SECONDS) * SAMPLE_RATE)
+        t = np.arange(n) / SAMPLE_RATE
+        row, col = KEYS[key]
+        tone = np.sin(2 * np.pi * ROW_HZ[row] * t + rng.uniform(0, 6.3)) + np.sin(
+            2 * np.pi * COLUMN_HZ[col] * t + rng.uniform(0, 6.3)
+        )
+        parts.append((tone * rng.uniform(0.1, 0.45)).astype(np.float32))
+        parts.append(np.zeros(int(rng.uniform(*GAP_SECONDS) * SAMPLE_RATE), dtype=np.float32))
+    wave = np.concatenate(parts)
+    signal_power = float(np.mean(wave**2))
+    noise_power = signal_power / 10 ** (rng.uniform(*SNR_DB) / 10)
+    noise = np.random.default_rng(rng.getrandbits(32)).normal(0, math.sqrt(noise_power), wave.shape)
+    return Clip(np.clip(wave + noise, -1, 1).astype(np.float32), " ".join(keys))
