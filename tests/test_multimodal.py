@@ -241,3 +241,42 @@ def test_keypad_clips_hold_the_digits_they_name():
     assert abs(loudest[0] - ROW_HZ[row]) < 15 and abs(loudest[1] - COLUMN_HZ[col]) < 15
     texts = {keypad_clip(random.Random(s)).text for s in range(20)}
     assert len(texts) > 15  # seeds give different utterances
+
+
+# -- placeholders in examples ---------------------------------------------------------------------
+
+
+def test_placeholders_expand_to_each_media_token_count():
+    from omnigpt.chat import render, with_placeholders
+    from omnigpt.model import IGNORE_INDEX
+    from omnigpt.tokenizer import AUDIO as AUDIO_TOKEN
+    from omnigpt.tokenizer import IMAGE, Tokenizer
+
+    tok = Tokenizer.train_char(["what is here? a red circle, 4 1 7"])
+    image_id, audio_id = tok.token_id(IMAGE), tok.token_id(AUDIO_TOKEN)
+    record = {"prompt": f"what is here? {IMAGE} and {IMAGE}", "completion": "a red circle"}
+    r = render(tok, record, {IMAGE: [4, 4]})
+    assert r.ids.count(image_id) == 8 and r.ids.index(image_id) == len("what is here? ")
+    assert all(lab == IGNORE_INDEX for i, lab in zip(r.ids, r.labels, strict=True) if i == image_id)
+    # without media, a typed placeholder is just text
+    assert image_id not in render(tok, record).ids
+    with pytest.raises(OmnigptError, match="more <\\|image\\|> placeholders than media"):
+        render(tok, record, {IMAGE: [4]})
+    with pytest.raises(OmnigptError, match="1 <\\|image\\|> placeholders for 2 media"):
+        render(tok, {"prompt": IMAGE, "completion": "x"}, {IMAGE: [4, 4]})
+
+    plain = {
+        "messages": [
+            {"role": "user", "content": "what?"},
+            {"role": "assistant", "content": "4 1 7"},
+        ]
+    }
+    added = with_placeholders(plain, {AUDIO_TOKEN: 1})
+    assert (
+        added["messages"][0]["content"] == AUDIO_TOKEN + "what?"
+        and plain["messages"][0]["content"] == "what?"
+    )
+    assert render(tok, added, {AUDIO_TOKEN: [5]}).ids.count(audio_id) == 5
+    assert with_placeholders(record, {IMAGE: 2}) is record
+    with pytest.raises(OmnigptError, match="2 <\\|image\\|> placeholder\\(s\\) in the text for 3"):
+        with_placeholders(record, {IMAGE: 3})

@@ -19,14 +19,16 @@ its `<|end|>`; everything else is IGNORE_INDEX. Text inside content is encoded a
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from omnigpt.errors import OmnigptError
 from omnigpt.model import IGNORE_INDEX
-from omnigpt.tokenizer import ASSISTANT, END_OF_TURN, EOT, SYSTEM, USER, Tokenizer
+from omnigpt.tokenizer import ASSISTANT, AUDIO, END_OF_TURN, EOT, IMAGE, SYSTEM, USER, Tokenizer
 
 ROLES = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
+_PLACEHOLDER = re.compile(f"({re.escape(IMAGE)}|{re.escape(AUDIO)})")
 Message = dict[str, str]
 
 
@@ -117,11 +119,47 @@ def _special(tokenizer: Tokenizer, token: str) -> int:
     return i
 
 
-def render(tokenizer: Tokenizer, record: dict) -> Rendered:
-    """Tokens and training labels of a checked record (see the module docstring for the layout)."""
+MediaCounts = dict[
+    str, list[int]
+]  # placeholder ("<|image|>") → tokens of each of its media, in order
+
+
+def _encode(
+    tokenizer: Tokenizer, text: str, media: MediaCounts | None, used: dict[str, int]
+) -> list[int]:
+    """Text as tokens. With `media`, each `<|image|>` / `<|audio|>` becomes as many placeholder ids
+    as its image or clip has tokens; without, they stay plain text like any other characters."""
+    if not media:
+        return tokenizer.encode(text, allow_special=False)
+    ids: list[int] = []
+    for piece in _PLACEHOLDER.split(text):
+        if piece in media:
+            i = used.get(piece, 0)
+            if i >= len(media[piece]):
+                raise OmnigptError(f"more {piece} placeholders than media ({len(media[piece])})")
+            ids += [_special(tokenizer, piece)] * media[piece][i]
+            used[piece] = i + 1
+        elif piece:
+            ids += tokenizer.encode(piece, allow_special=False)
+    return ids
+
+
+def _check_all_used(media: MediaCounts | None, used: dict[str, int]) -> None:
+    for token, counts in (media or {}).items():
+        if used.get(token, 0) != len(counts):
+            raise OmnigptError(f"{used.get(token, 0)} {token} placeholders for {len(counts)} media")
+
+
+def render(tokenizer: Tokenizer, record: dict, media: MediaCounts | None = None) -> Rendered:
+    """Tokens and training labels of a checked record (see the module docstring for the layout).
+
+    `media` gives, per placeholder kind, the token count of each of the record's images or clips;
+    the record's placeholders are expanded to those counts (see `with_placeholders`)."""
+    used: dict[str, int] = {}
     if "messages" not in record:
-        prompt = tokenizer.encode(record["prompt"], allow_special=False)
-        completion = tokenizer.encode(record["completion"], allow_special=False)
+        prompt = _encode(tokenizer, record["prompt"], media, used)
+        completion = _encode(tokenizer, record["completion"], media, used)
+        _check_all_used(media, used)
         completion.append(_special(tokenizer, EOT))
         return Rendered(prompt + completion, [IGNORE_INDEX] * len(prompt) + completion)
     ids: list[int] = []
@@ -129,11 +167,40 @@ def render(tokenizer: Tokenizer, record: dict) -> Rendered:
     end = _special(tokenizer, END_OF_TURN)
     for m in record["messages"]:
         head = [_special(tokenizer, ROLES[m["role"]])]
-        body = tokenizer.encode(m["content"], allow_special=False) + [end]
+        body = _encode(tokenizer, m["content"], media, used) + [end]
         ids += head + body
         labels += [IGNORE_INDEX] * len(head)
         labels += body if m["role"] == "assistant" else [IGNORE_INDEX] * len(body)
+    _check_all_used(media, used)
     return Rendered(ids, labels)
+
+
+def with_placeholders(record: dict, counts: dict[str, int]) -> dict:
+    """The record with `counts[placeholder]` placeholders of each kind: as written when the text has
+    exactly that many, else added at the start of the prompt (or first user message) when it has
+    none. Raises on any other number."""
+    texts = (
+        [record["prompt"]]
+        if "messages" not in record
+        else [m["content"] for m in record["messages"]]
+    )
+    missing = ""
+    for token, n in counts.items():
+        written = sum(t.count(token) for t in texts)
+        if written == 0:
+            missing += token * n
+        elif written != n:
+            raise OmnigptError(
+                f"{written} {token} placeholder(s) in the text for {n} media file(s)"
+            )
+    if not missing:
+        return record
+    if "messages" not in record:
+        return {**record, "prompt": missing + record["prompt"]}
+    messages = [dict(m) for m in record["messages"]]
+    first_user = next((m for m in messages if m["role"] == "user"), messages[0])
+    first_user["content"] = missing + first_user["content"]
+    return {**record, "messages": messages}
 
 
 def prompt_ids(tokenizer: Tokenizer, record: dict) -> list[int]:
