@@ -280,3 +280,19 @@ def test_placeholders_expand_to_each_media_token_count():
     assert with_placeholders(record, {IMAGE: 2}) is record
     with pytest.raises(OmnigptError, match="2 <\\|image\\|> placeholder\\(s\\) in the text for 3"):
         with_placeholders(record, {IMAGE: 3})
+
+
+def test_multimodal_checkpoints_round_trip(tmp_path):
+    from omnigpt.checkpoint import load_checkpoint, save_checkpoint
+    from omnigpt.model.fusion import MultimodalGPT
+    from omnigpt.tokenizer import Tokenizer
+
+    tok = Tokenizer.train_char(["abc"])
+    model = _multimodal(vocab=tok.vocab_size)
+    save_checkpoint(tmp_path / "ckpt", model, tok)
+    loaded, _ = load_checkpoint(tmp_path / "ckpt")
+    assert isinstance(loaded, MultimodalGPT) and loaded.audio.config == AUDIO
+    assert loaded.gpt.lm_head.weight is loaded.gpt.wte.weight  # still tied
+    tokens = torch.tensor([[5] + [2] * 4 + [6]])
+    images = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(loaded(tokens, images=images)[0], model(tokens, images=images)[0])

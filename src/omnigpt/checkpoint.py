@@ -29,6 +29,7 @@ from omnigpt.config import ModelConfig, load_json, save_json
 from omnigpt.errors import OmnigptError
 from omnigpt.lora import adapter_state, has_lora
 from omnigpt.model import GPT
+from omnigpt.model.fusion import MultimodalGPT
 from omnigpt.tokenizer import Tokenizer
 
 WEIGHTS = "model.safetensors"
@@ -97,9 +98,10 @@ def save_checkpoint(
     source = adapter_state(model) if lora else model.state_dict()
     state = {k: v.detach().contiguous().cpu() for k, v in source.items()}
     if model.config.tie_embeddings:
-        state.pop("lm_head.weight", None)
+        state.pop(_decoder_prefix(model) + "lm_head.weight", None)
     config = {
         "model": model.config.to_dict(),
+        **({"media": model.media_config()} if isinstance(model, MultimodalGPT) else {}),
         "tokenizer_fingerprint": tokenizer.fingerprint,
         **(extra_config or {}),
     }
@@ -145,6 +147,8 @@ def load_checkpoint(
             f"tokenizer has {tokenizer.vocab_size} tokens but checkpoint {folder} has only {model_cfg.vocab_size}"
         )
     model = GPT.without_init(model_cfg)
+    if "media" in config:  # a multimodal model: the decoder with its encoders and projectors
+        model = MultimodalGPT.from_media_config(model, config["media"])
     load_weights(model, folder / WEIGHTS)
     return model.to(device).eval(), tokenizer
 
@@ -166,8 +170,9 @@ def read_adapter(folder: str | Path) -> dict[str, torch.Tensor]:
 
 def apply_state(model: GPT, state: dict[str, torch.Tensor], source: str) -> None:
     """Loads omnigpt-named weights into `model`, refusing missing, unexpected or misshapen ones."""
-    if model.config.tie_embeddings and "wte.weight" in state:
-        state.setdefault("lm_head.weight", state["wte.weight"])
+    prefix = _decoder_prefix(model)
+    if model.config.tie_embeddings and prefix + "wte.weight" in state:
+        state.setdefault(prefix + "lm_head.weight", state[prefix + "wte.weight"])
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -183,7 +188,13 @@ def apply_state(model: GPT, state: dict[str, torch.Tensor], source: str) -> None
     # assign: the loaded tensors become the parameters (no second copy of every weight)
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, assign=True)
     if model.config.tie_embeddings:
-        model.lm_head.weight = model.wte.weight
+        decoder = model.gpt if isinstance(model, MultimodalGPT) else model
+        decoder.lm_head.weight = decoder.wte.weight
+
+
+def _decoder_prefix(model) -> str:
+    """Where the decoder's weights sit in the state dict: "gpt." inside a multimodal model."""
+    return "gpt." if isinstance(model, MultimodalGPT) else ""
 
 
 def load_trainer_state(folder: str | Path) -> dict[str, Any]:

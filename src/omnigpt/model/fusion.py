@@ -96,6 +96,21 @@ class MultimodalGPT(nn.Module):
         self.audio = AudioEncoder(audio) if audio else None
         self.audio_proj = Projector(audio.n_embd, width, audio.stack) if audio else None
 
+    def media_config(self) -> dict:
+        """What a checkpoint records to rebuild the encoders (see `from_media_config`)."""
+        return {
+            "vision": self.vision.config.to_dict() if self.vision else None,
+            "audio": self.audio.config.to_dict() if self.audio else None,
+            "image_id": self.image_id,
+            "audio_id": self.audio_id,
+        }
+
+    @classmethod
+    def from_media_config(cls, gpt: GPT, d: dict) -> MultimodalGPT:
+        vision = VisionConfig(**d["vision"]) if d.get("vision") else None
+        audio = AudioConfig(**d["audio"]) if d.get("audio") else None
+        return cls(gpt, vision, audio, d["image_id"], d["audio_id"])
+
     # the decoder's interface, for generation
     @property
     def config(self):
