@@ -296,3 +296,53 @@ def test_multimodal_checkpoints_round_trip(tmp_path):
     tokens = torch.tensor([[5] + [2] * 4 + [6]])
     images = torch.randn(1, 3, 32, 32)
     torch.testing.assert_close(loaded(tokens, images=images)[0], model(tokens, images=images)[0])
+
+
+# -- training through the fine-tuning loop --------------------------------------------------------
+
+
+def _write_shapes(folder, n, seed):
+    import json
+    import random
+
+    from omnigpt.synthetic import shapes_scene
+
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    lines = []
+    for i in range(n):
+        scene = shapes_scene(rng)
+        scene.image.save(folder / f"img/{seed}-{i}.png")
+        record = {"image": f"img/{seed}-{i}.png", "prompt": "caption:", "completion": scene.caption}
+        lines.append(json.dumps(record))
+    path = folder / f"shapes-{seed}.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_alignment_trains_the_projector_and_leaves_the_decoder_untouched(tmp_path):
+    from omnigpt.checkpoint import load_checkpoint, save_checkpoint
+    from omnigpt.config import ModelConfig, TrainConfig
+    from omnigpt.finetune import FinetuneConfig, finetune
+    from omnigpt.model import GPT
+    from omnigpt.model.fusion import MultimodalGPT
+    from omnigpt.synthetic import COLOURS, SHAPES
+    from omnigpt.tokenizer import AUDIO as AUDIO_TOKEN
+    from omnigpt.tokenizer import IMAGE, Tokenizer
+
+    tok = Tokenizer.train_char([" ".join([*COLOURS, *SHAPES, "a and , caption:"])])
+    torch.manual_seed(0)
+    gpt = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=96, n_layer=2, n_head=2, n_embd=32))
+    model = MultimodalGPT(gpt, VISION, None, tok.token_id(IMAGE), tok.token_id(AUDIO_TOKEN))
+    save_checkpoint(tmp_path / "base", model, tok)
+    data = _write_shapes(tmp_path, 48, seed=1)
+    cfg = TrainConfig(batch_size=8, max_steps=12, lr=3e-3, warmup_steps=2, eval_interval=6)
+    ft = FinetuneConfig(method="partial", trainable=("vision", "image_proj"))
+    finetune(tmp_path / "base", data, tmp_path / "run", ft, cfg, progress=False)
+    before, _ = load_checkpoint(tmp_path / "base")
+    after, _ = load_checkpoint(tmp_path / "run/latest")
+    for (name, a), b in zip(before.state_dict().items(), after.state_dict().values(), strict=True):
+        if name.startswith("gpt."):
+            assert torch.equal(a, b), name
+    assert not torch.equal(before.image_proj.fc1.weight, after.image_proj.fc1.weight)
+    assert not torch.equal(before.vision.pos_embed, after.vision.pos_embed)

@@ -15,16 +15,17 @@ adapters, saved on their own. Training runs through the same `fit()` loop as pre
 from __future__ import annotations
 
 import fnmatch
+import functools
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from omnigpt.chat import read_records, render
+from omnigpt.chat import read_records, render, with_placeholders
 from omnigpt.checkpoint import read_adapter
 from omnigpt.config import TrainConfig, load_json, save_json
 from omnigpt.errors import OmnigptError
@@ -37,11 +38,15 @@ from omnigpt.lora import (
     lora_layers,
     merge_lora,
 )
+from omnigpt.media import collate_media, record_media
 from omnigpt.model import GPT, IGNORE_INDEX
+from omnigpt.model.fusion import MultimodalGPT
 from omnigpt.tokenizer import PAD, Tokenizer
 from omnigpt.train import RunResult, fit, setup_distributed
 
-Example = tuple[list[int], list[int]]  # inputs, targets (already shifted by one)
+# inputs, targets (already shifted by one), and for multimodal examples a third item: the media
+# (see media.record_media), whose placeholders the inputs hold
+Example = tuple
 
 
 @dataclass
@@ -95,19 +100,30 @@ class ExampleStats:
 
 
 def tokenize_records(
-    tokenizer: Tokenizer, records: list[dict], block_size: int, too_long: str = "truncate"
+    tokenizer: Tokenizer,
+    records: list[dict],
+    block_size: int,
+    too_long: str = "truncate",
+    media_loader: Callable[[dict], tuple[dict, dict]] | None = None,
 ) -> tuple[list[Example], ExampleStats]:
     """Renders records into (inputs, targets) of at most `block_size` tokens.
 
     Too long: `truncate` cuts the end (the example is dropped if no target token is left), `drop`
-    drops it.
+    drops it; an example with media is never cut (that could split an image's tokens), only dropped.
+    `media_loader(record)` → (token counts per placeholder, media), for multimodal models.
     """
     examples, stats = [], ExampleStats()
     for record in records:
-        r = render(tokenizer, record)
+        media = None
+        if media_loader is not None:
+            counts, media = media_loader(record)
+            record = with_placeholders(record, {k: len(v) for k, v in counts.items()})
+            r = render(tokenizer, record, counts)
+        else:
+            r = render(tokenizer, record)
         x, y = r.ids[:-1], r.labels[1:]
         if len(x) > block_size:
-            if too_long == "drop":
+            if too_long == "drop" or media:
                 stats.dropped += 1
                 continue
             x, y = x[:block_size], y[:block_size]
@@ -115,19 +131,25 @@ def tokenize_records(
                 stats.dropped += 1
                 continue
             stats.truncated += 1
-        examples.append((x, y))
+        examples.append((x, y, media) if media else (x, y))
     stats.kept = len(examples)
     return examples, stats
 
 
-def _pad_rows(rows: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    T = max(len(x) for x, _ in rows)
+def _media_inputs(examples: list[Example]) -> dict[str, torch.Tensor]:
+    """The examples' images and clips in order of appearance, as model inputs."""
+    media = [e[2] for e in examples if len(e) > 2]
+    return collate_media(media) if media else {}
+
+
+def _pad_rows(rows: list[Example], pad_id: int) -> tuple:
+    T = max(len(e[0]) for e in rows)
     x = torch.full((len(rows), T), pad_id, dtype=torch.long)
     y = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
-    for i, (xi, yi) in enumerate(rows):
+    for i, (xi, yi, *_) in enumerate(rows):
         x[i, : len(xi)] = torch.tensor(xi)
         y[i, : len(yi)] = torch.tensor(yi)
-    return x, y
+    return x, y, _media_inputs(rows)
 
 
 def pack_rows(rows: list[list[Example]], block_size: int, pad_id: int) -> tuple:
@@ -140,7 +162,7 @@ def pack_rows(rows: list[list[Example]], block_size: int, pad_id: int) -> tuple:
     segment = torch.full((B, T), -1, dtype=torch.long)
     for i, row in enumerate(rows):
         start = 0
-        for seg, (xi, yi) in enumerate(row):
+        for seg, (xi, yi, *_) in enumerate(row):
             n = len(xi)
             x[i, start : start + n] = torch.tensor(xi)
             y[i, start : start + n] = torch.tensor(yi)
@@ -150,7 +172,8 @@ def pack_rows(rows: list[list[Example]], block_size: int, pad_id: int) -> tuple:
         segment[i, start:] = torch.arange(len(row), len(row) + T - start)  # each pad on its own
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     mask = (segment[:, :, None] == segment[:, None, :]) & causal
-    return x, y, {"positions": positions, "attn_mask": mask[:, None]}
+    extras = {"positions": positions, "attn_mask": mask[:, None]}
+    return x, y, {**extras, **_media_inputs([e for row in rows for e in row])}
 
 
 def _packed(examples: list[Example], order: list[int], block_size: int) -> list[list[Example]]:
@@ -227,7 +250,7 @@ class ExampleBatches:
         mine = batch[self.rank :: self.world_size]
         if self.pack:
             return pack_rows(mine, self.block_size, self.pad_id)
-        return (*_pad_rows(mine, self.pad_id), {})
+        return _pad_rows(mine, self.pad_id)
 
     def batches_per_epoch(self) -> int:
         return len(self._build_epoch())
@@ -257,7 +280,7 @@ def eval_batches(
         return
     order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))[rank::world_size]
     for i in range(0, len(order), batch_size):
-        yield (*_pad_rows([examples[j] for j in order[i : i + batch_size]], pad_id), {})
+        yield _pad_rows([examples[j] for j in order[i : i + batch_size]], pad_id)
 
 
 # -- what to train --------------------------------------------------------------------------------
@@ -383,8 +406,21 @@ def finetune(
         n_val = max(1, math.ceil(len(records) * ft_cfg.val_fraction)) if len(records) > 1 else 0
         val_records = [records[i] for i in order[:n_val]] or records
         records = [records[i] for i in order[n_val:]] or records
-    train_examples, train_stats = tokenize_records(tokenizer, records, block_size, ft_cfg.too_long)
-    val_examples, val_stats = tokenize_records(tokenizer, val_records, block_size, ft_cfg.too_long)
+    loader = None
+    if isinstance(model, MultimodalGPT):
+        loader = functools.partial(
+            record_media,
+            base_dir=Path(data).parent,
+            vision=model.vision.config if model.vision else None,
+            audio=model.audio.config if model.audio else None,
+        )
+    train_examples, train_stats = tokenize_records(
+        tokenizer, records, block_size, ft_cfg.too_long, loader
+    )
+    val_loader = loader and functools.partial(loader, base_dir=Path(val_data or data).parent)
+    val_examples, val_stats = tokenize_records(
+        tokenizer, val_records, block_size, ft_cfg.too_long, val_loader
+    )
     if not val_examples:
         raise OmnigptError(f"no validation example fits the context of {block_size} tokens")
 

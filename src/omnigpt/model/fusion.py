@@ -123,6 +123,17 @@ class MultimodalGPT(nn.Module):
     def make_caches(self, *args, **kwargs):
         return self.gpt.make_caches(*args, **kwargs)
 
+    def describe(self) -> str:
+        parts = [self.gpt.describe()]
+        for name, encoder in (("image", self.vision), ("audio", self.audio)):
+            if encoder is not None:
+                c = encoder.config
+                n = sum(p.numel() for p in encoder.parameters())
+                parts.append(
+                    f"{name} encoder {c.n_layer} layers × {c.n_embd} wide: {n / 1e6:.2f}M parameters"
+                )
+        return "; ".join(parts)
+
     def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """Decoder-width tokens (N · VisionConfig.tokens, C) of images (N, 3, S, S)."""
         if self.vision is None:
