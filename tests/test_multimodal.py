@@ -346,3 +346,17 @@ def test_alignment_trains_the_projector_and_leaves_the_decoder_untouched(tmp_pat
             assert torch.equal(a, b), name
     assert not torch.equal(before.image_proj.fc1.weight, after.image_proj.fc1.weight)
     assert not torch.equal(before.vision.pos_embed, after.vision.pos_embed)
+
+    # a missing or corrupt image stops the run with its path and line, or is skipped on request
+    lines = data.read_text().splitlines()
+    (tmp_path / "img/1-3.png").unlink()
+    (tmp_path / "img/1-5.png").write_bytes(b"not a png")
+    # (the first met after the seeded train/val shuffle)
+    with pytest.raises(
+        OmnigptError, match="line (4: .*1-3.png: image not found|6: .*1-5.png: cannot read)"
+    ):
+        finetune(tmp_path / "base", data, tmp_path / "run2", ft, cfg, progress=False)
+    assert not (tmp_path / "run2").exists()
+    skip = FinetuneConfig(method="partial", trainable=("image_proj",), skip_bad_media=True)
+    finetune(tmp_path / "base", data, tmp_path / "run3", skip, cfg, progress=False)
+    assert len(lines) == 48 and (tmp_path / "run3/latest").is_dir()

@@ -68,7 +68,8 @@ def check_record(record: object) -> str | None:
 
 
 def read_records(path: str | Path, max_reported: int = 5) -> list[dict]:
-    """Every record of a JSONL file, checked; all bad lines are reported together by line number."""
+    """Every record of a JSONL file, checked; all bad lines are reported together by line number.
+    Each record remembers its line number under "_line"."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -89,6 +90,7 @@ def read_records(path: str | Path, max_reported: int = 5) -> list[dict]:
         if problem:
             bad.append(f"line {lineno}: {problem}")
         else:
+            record["_line"] = lineno  # where it came from, for messages about its media
             records.append(record)
     if bad:
         more = f"; and {len(bad) - max_reported} more" if len(bad) > max_reported else ""

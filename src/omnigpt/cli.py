@@ -236,6 +236,11 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--epochs", type=float, help="passes over the training examples (sets --max-steps)"
     )
+    g.add_argument(
+        "--skip-bad-media",
+        action="store_true",
+        help="leave out examples whose image or audio file is missing or unreadable (default: stop)",
+    )
     _optimisation_args(p, FINETUNE_DEFAULTS)
 
 
@@ -533,6 +538,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         too_long=args.too_long,
         val_fraction=args.val_fraction,
         epochs=args.epochs,
+        skip_bad_media=args.skip_bad_media,
     )
     signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
     budgets = {

@@ -18,6 +18,7 @@ import fnmatch
 import functools
 import math
 import random
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,7 @@ class FinetuneConfig:
     too_long: str = "truncate"  # truncate | drop: examples longer than the context
     epochs: float | None = None  # passes over the examples; sets TrainConfig.max_steps
     val_fraction: float = 0.05  # held out when no validation file is given
+    skip_bad_media: bool = False  # leave out examples whose image/audio cannot be read
 
     def __post_init__(self) -> None:
         if self.method not in ("full", "partial", "lora"):
@@ -94,9 +96,11 @@ class ExampleStats:
     kept: int = 0
     truncated: int = 0
     dropped: int = 0
+    skipped: int = 0  # unreadable media
 
     def __str__(self) -> str:
-        return f"{self.kept:,} examples ({self.truncated:,} truncated, {self.dropped:,} dropped as too long)"
+        skipped = f", {self.skipped:,} skipped for unreadable media" if self.skipped else ""
+        return f"{self.kept:,} examples ({self.truncated:,} truncated, {self.dropped:,} dropped as too long{skipped})"
 
 
 def tokenize_records(
@@ -105,18 +109,31 @@ def tokenize_records(
     block_size: int,
     too_long: str = "truncate",
     media_loader: Callable[[dict], tuple[dict, dict]] | None = None,
+    skip_bad_media: bool = False,
 ) -> tuple[list[Example], ExampleStats]:
     """Renders records into (inputs, targets) of at most `block_size` tokens.
 
     Too long: `truncate` cuts the end (the example is dropped if no target token is left), `drop`
     drops it; an example with media is never cut (that could split an image's tokens), only dropped.
-    `media_loader(record)` → (token counts per placeholder, media), for multimodal models.
+    `media_loader(record)` → (token counts per placeholder, media), for multimodal models; a
+    missing or unreadable file stops with its path and line, or with `skip_bad_media` is reported
+    and its example left out.
     """
     examples, stats = [], ExampleStats()
     for record in records:
         media = None
         if media_loader is not None:
-            counts, media = media_loader(record)
+            try:
+                counts, media = media_loader(record)
+            except OmnigptError as e:
+                where = f"line {record['_line']}: " if "_line" in record else ""
+                if not skip_bad_media:
+                    raise OmnigptError(
+                        f"{where}{e} (--skip-bad-media leaves such examples out)"
+                    ) from None
+                print(f"skipped {where}{e}", file=sys.stderr)
+                stats.skipped += 1
+                continue
             record = with_placeholders(record, {k: len(v) for k, v in counts.items()})
             r = render(tokenizer, record, counts)
         else:
@@ -415,11 +432,11 @@ def finetune(
             audio=model.audio.config if model.audio else None,
         )
     train_examples, train_stats = tokenize_records(
-        tokenizer, records, block_size, ft_cfg.too_long, loader
+        tokenizer, records, block_size, ft_cfg.too_long, loader, ft_cfg.skip_bad_media
     )
     val_loader = loader and functools.partial(loader, base_dir=Path(val_data or data).parent)
     val_examples, val_stats = tokenize_records(
-        tokenizer, val_records, block_size, ft_cfg.too_long, val_loader
+        tokenizer, val_records, block_size, ft_cfg.too_long, val_loader, ft_cfg.skip_bad_media
     )
     if not val_examples:
         raise OmnigptError(f"no validation example fits the context of {block_size} tokens")
