@@ -85,18 +85,45 @@ class ModelConfig:
 
 
 @dataclass
-class VisionConfig:
+class EncoderConfig:
+    """The Transformer blocks of a modality encoder (bidirectional, GELU MLP, LayerNorm)."""
+
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head:
+            raise OmnigptError(
+                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
+            )
+
+    def block_config(self, positions: int) -> ModelConfig:
+        """The blocks' shape, as the decoder's `Block` takes it, for `positions` input positions."""
+        return ModelConfig(
+            vocab_size=1,
+            block_size=positions,
+            n_layer=self.n_layer,
+            n_head=self.n_head,
+            n_embd=self.n_embd,
+            dropout=self.dropout,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class VisionConfig(EncoderConfig):
     """A Vision Transformer: images resized to `image_size`², cut into `patch_size`² patches."""
 
     image_size: int = 64
     patch_size: int = 8
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
     shuffle: int = 2  # the projector merges shuffle × shuffle neighbouring patches into one token
-    dropout: float = 0.0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.image_size % self.patch_size:
             raise OmnigptError(
                 f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})"
@@ -104,10 +131,6 @@ class VisionConfig:
         if self.grid % self.shuffle:
             raise OmnigptError(
                 f"the {self.grid}×{self.grid} patch grid does not divide by shuffle {self.shuffle}"
-            )
-        if self.n_embd % self.n_head:
-            raise OmnigptError(
-                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
             )
 
     @property
@@ -120,22 +143,11 @@ class VisionConfig:
         return (self.grid // self.shuffle) ** 2
 
     def encoder_config(self) -> ModelConfig:
-        """The shape of the encoder's Transformer blocks (bidirectional, GELU, LayerNorm)."""
-        return ModelConfig(
-            vocab_size=1,
-            block_size=self.grid**2,
-            n_layer=self.n_layer,
-            n_head=self.n_head,
-            n_embd=self.n_embd,
-            dropout=self.dropout,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return self.block_config(self.grid**2)
 
 
 @dataclass
-class AudioConfig:
+class AudioConfig(EncoderConfig):
     """A Whisper-style audio encoder over log-mel frames.
 
     Audio is resampled to `sample_rate`; one mel frame every `hop_length` samples (10 ms at 16 kHz);
@@ -148,17 +160,7 @@ class AudioConfig:
     hop_length: int = 160  # 10 ms
     n_mels: int = 80
     max_seconds: float = 10.0  # longest clip the position table covers
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
     stack: int = 2
-    dropout: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.n_embd % self.n_head:
-            raise OmnigptError(
-                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
-            )
 
     @property
     def max_frames(self) -> int:
@@ -174,17 +176,7 @@ class AudioConfig:
         return -(-self.positions(frames) // self.stack)
 
     def encoder_config(self) -> ModelConfig:
-        return ModelConfig(
-            vocab_size=1,
-            block_size=self.positions(self.max_frames),
-            n_layer=self.n_layer,
-            n_head=self.n_head,
-            n_embd=self.n_embd,
-            dropout=self.dropout,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return self.block_config(self.positions(self.max_frames))
 
 
 # Tiny presets train on a laptop CPU in minutes; the gpt2* presets are GPT-2's published shapes.
