@@ -360,3 +360,63 @@ def test_alignment_trains_the_projector_and_leaves_the_decoder_untouched(tmp_pat
     skip = FinetuneConfig(method="partial", trainable=("image_proj",), skip_bad_media=True)
     finetune(tmp_path / "base", data, tmp_path / "run3", skip, cfg, progress=False)
     assert len(lines) == 48 and (tmp_path / "run3/latest").is_dir()
+
+
+def test_builtin_datasets_evaluate_through_a_multimodal_model(tmp_path):
+    import json
+
+    from omnigpt.chat import read_records
+    from omnigpt.evaluate import evaluate
+    from omnigpt.generate import GenerationOptions
+    from omnigpt.synthetic import write_keypad, write_shapes
+    from omnigpt.tokenizer import AUDIO as AUDIO_TOKEN
+    from omnigpt.tokenizer import IMAGE, Tokenizer
+
+    shapes = write_shapes(tmp_path / "shapes", 3, seed=0)
+    keypad = write_keypad(tmp_path / "keypad", 3, seed=0)
+    records = read_records(shapes)
+    assert sum(r["prompt"] == "describe the image." for r in records) == 3 and len(records) > 6
+    assert all((tmp_path / "keypad" / r["audio"]).is_file() for r in read_records(keypad))
+
+    from omnigpt.config import ModelConfig
+    from omnigpt.model import GPT
+    from omnigpt.model.fusion import MultimodalGPT
+
+    tok = Tokenizer.train_char(["describe the image. transcribe the audio. 0123456789"])
+    audio = AudioConfig(
+        sample_rate=8000,
+        n_fft=200,
+        hop_length=80,
+        n_mels=20,
+        max_seconds=3.0,
+        n_layer=1,
+        n_head=2,
+        n_embd=16,
+    )
+    gpt = GPT(
+        ModelConfig(vocab_size=tok.vocab_size, block_size=160, n_layer=1, n_head=2, n_embd=32)
+    )
+    model = MultimodalGPT(
+        gpt,
+        VisionConfig(image_size=64, n_layer=1, n_head=2, n_embd=16),
+        audio,
+        tok.token_id(IMAGE),
+        tok.token_id(AUDIO_TOKEN),
+    ).eval()
+    for data in (shapes, keypad):
+        summary = evaluate(
+            model,
+            tok,
+            read_records(data),
+            ["exact_match", "perplexity"],
+            GenerationOptions(temperature=0, max_new_tokens=4),
+            tmp_path / data.stem,
+            progress=False,
+            base_dir=data.parent,
+        )
+        assert summary["metrics"]["perplexity"] > 1
+        rows = [
+            json.loads(x)
+            for x in (tmp_path / data.stem / "predictions.jsonl").read_text().splitlines()
+        ]
+        assert len(rows) == len(read_records(data))

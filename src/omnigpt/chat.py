@@ -205,14 +205,19 @@ def with_placeholders(record: dict, counts: dict[str, int]) -> dict:
     return {**record, "messages": messages}
 
 
-def prompt_ids(tokenizer: Tokenizer, record: dict) -> list[int]:
+def prompt_ids(tokenizer: Tokenizer, record: dict, media: MediaCounts | None = None) -> list[int]:
     """What a model is given to produce the record's answer: the prompt, or the conversation up to
-    its last assistant turn followed by `<|assistant|>`."""
+    its last assistant turn followed by `<|assistant|>`; with `media`, its placeholders expanded
+    (the media belong in that part)."""
     if "messages" not in record:
-        return tokenizer.encode(record["prompt"], allow_special=False)
+        used: dict[str, int] = {}
+        ids = _encode(tokenizer, record["prompt"], media, used)
+        _check_all_used(media, used)
+        return ids
     messages = record["messages"]
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    return render_conversation(tokenizer, messages[:last])
+    head = render(tokenizer, {"messages": messages[:last]}, media).ids if last else []
+    return head + [_special(tokenizer, ASSISTANT)]
 
 
 def reference(record: dict) -> str:

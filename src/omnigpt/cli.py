@@ -716,6 +716,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         args.batch_size,
         args.precision,
         progress=not args.no_progress,
+        base_dir=Path(args.data).parent,
     )
     for name, value in summary["metrics"].items():
         print(f"{name}: {value:.4f}")

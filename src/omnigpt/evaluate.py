@@ -17,58 +17,84 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from omnigpt.chat import prompt_ids, reference, stop_ids
+from omnigpt.chat import prompt_ids, reference, stop_ids, with_placeholders
 from omnigpt.config import save_json
 from omnigpt.errors import OmnigptError
-from omnigpt.finetune import eval_batches, tokenize_records
+from omnigpt.finetune import eval_batches, media_loader, tokenize_records
 from omnigpt.generate import GenerationOptions, generate_tokens
+from omnigpt.media import collate_media, record_media
 from omnigpt.metrics import METRICS, corpus_metric, example_metric
 from omnigpt.model import GPT
+from omnigpt.model.fusion import MultimodalGPT
 from omnigpt.tokenizer import PAD, Tokenizer
 from omnigpt.train import evaluate_loss
 
 
 def perplexity(
-    model: GPT,
+    model: GPT | MultimodalGPT,
     tokenizer: Tokenizer,
     records: list[dict],
     batch_size: int = 16,
     precision: str = "auto",
+    base_dir: str | Path = ".",
 ) -> float:
-    examples, _ = tokenize_records(tokenizer, records, model.config.block_size, "truncate")
+    block = model.config.block_size
+    loader = media_loader(model, Path(base_dir))
+    examples, _ = tokenize_records(tokenizer, records, block, "truncate", loader)
     if not examples:
         raise OmnigptError("no example fits the model's context for perplexity")
     pad = tokenizer.token_id(PAD) or 0
     device = model.wte.weight.device
     loss = evaluate_loss(
-        model,
-        eval_batches(examples, model.config.block_size, batch_size, pad),
-        device,
-        None,
-        precision,
+        model, eval_batches(examples, block, batch_size, pad), device, None, precision
     )
     return math.exp(loss)
 
 
 def generate_answers(
-    model: GPT,
+    model: GPT | MultimodalGPT,
     tokenizer: Tokenizer,
     records: list[dict],
     opts: GenerationOptions,
     batch_size: int = 32,
     progress: bool = True,
+    base_dir: str | Path = ".",
 ) -> list[str]:
-    """The model's answer to each record, in record order."""
-    prompts = [prompt_ids(tokenizer, r) for r in records]
+    """The model's answer to each record, in record order. A multimodal model reads the images and
+    audio the records name (paths relative to `base_dir`); they are encoded once per batch."""
+    media: list[dict] = [{} for _ in records]
+    prompts = []
+    for i, r in enumerate(records):
+        if isinstance(model, MultimodalGPT):
+            counts, media[i] = record_media(
+                r,
+                Path(base_dir),
+                model.vision.config if model.vision else None,
+                model.audio.config if model.audio else None,
+            )
+            r = with_placeholders(r, {k: len(v) for k, v in counts.items()})
+            prompts.append(prompt_ids(tokenizer, r, counts))
+        else:
+            prompts.append(prompt_ids(tokenizer, r))
     limit = model.config.block_size - 1
-    prompts = [p[-limit:] for p in prompts]  # keep the end of a prompt longer than the context
+    # keep the end of a text prompt longer than the context (cutting media would break them)
+    prompts = [p if media[i] else p[-limit:] for i, p in enumerate(prompts)]
     order = sorted(range(len(records)), key=lambda i: len(prompts[i]))
     answers: list[str] = [""] * len(records)
     bar = tqdm(total=len(records), unit="example", disable=not progress, dynamic_ncols=True)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         stops = sorted({s for i in chunk for s in stop_ids(tokenizer, records[i])})
-        new = generate_tokens(model, [prompts[i] for i in chunk], opts, stops, tokenizer.vocab_size)
+        inputs = collate_media([media[i] for i in chunk if media[i]])
+        device = model.wte.weight.device
+        new = generate_tokens(
+            model,
+            [prompts[i] for i in chunk],
+            opts,
+            stops,
+            tokenizer.vocab_size,
+            prefill_inputs={k: v.to(device) for k, v in inputs.items()},
+        )
         for i, ids in zip(chunk, new, strict=True):
             answers[i] = tokenizer.decode(ids, skip_special=True).strip()
         bar.update(len(chunk))
@@ -86,6 +112,7 @@ def evaluate(
     batch_size: int = 32,
     precision: str = "auto",
     progress: bool = True,
+    base_dir: str | Path = ".",
 ) -> dict:
     """Scores on `metrics` (see metrics.METRICS); returns and, with `out_dir`, writes the summary."""
     unknown = [m for m in metrics if m not in METRICS]
@@ -96,11 +123,13 @@ def evaluate(
     t0 = time.time()
     scores: dict[str, float] = {}
     if "perplexity" in metrics:
-        scores["perplexity"] = perplexity(model, tokenizer, records, batch_size, precision)
+        scores["perplexity"] = perplexity(
+            model, tokenizer, records, batch_size, precision, base_dir
+        )
     generated = [m for m in metrics if m != "perplexity"]
     rows = []
     if generated:
-        answers = generate_answers(model, tokenizer, records, opts, batch_size, progress)
+        answers = generate_answers(model, tokenizer, records, opts, batch_size, progress, base_dir)
         refs = [reference(r).strip() for r in records]
         for m in generated:
             scores[m] = corpus_metric(m, answers, refs)

@@ -300,6 +300,18 @@ def eval_batches(
         yield _pad_rows([examples[j] for j in order[i : i + batch_size]], pad_id)
 
 
+def media_loader(model, base_dir: Path) -> Callable[[dict], tuple[dict, dict]] | None:
+    """For a multimodal model, what reads a record's images and audio (paths relative to base_dir)."""
+    if not isinstance(model, MultimodalGPT):
+        return None
+    return functools.partial(
+        record_media,
+        base_dir=base_dir,
+        vision=model.vision.config if model.vision else None,
+        audio=model.audio.config if model.audio else None,
+    )
+
+
 # -- what to train --------------------------------------------------------------------------------
 
 
@@ -423,18 +435,11 @@ def finetune(
         n_val = max(1, math.ceil(len(records) * ft_cfg.val_fraction)) if len(records) > 1 else 0
         val_records = [records[i] for i in order[:n_val]] or records
         records = [records[i] for i in order[n_val:]] or records
-    loader = None
-    if isinstance(model, MultimodalGPT):
-        loader = functools.partial(
-            record_media,
-            base_dir=Path(data).parent,
-            vision=model.vision.config if model.vision else None,
-            audio=model.audio.config if model.audio else None,
-        )
+    loader = media_loader(model, Path(data).parent)
     train_examples, train_stats = tokenize_records(
         tokenizer, records, block_size, ft_cfg.too_long, loader, ft_cfg.skip_bad_media
     )
-    val_loader = loader and functools.partial(loader, base_dir=Path(val_data or data).parent)
+    val_loader = media_loader(model, Path(val_data or data).parent)
     val_examples, val_stats = tokenize_records(
         tokenizer, val_records, block_size, ft_cfg.too_long, val_loader, ft_cfg.skip_bad_media
     )

@@ -15,9 +15,11 @@ a genuine audio-to-text task: the digits are only in the sound.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -166,3 +168,48 @@ def keypad_clip(rng: random.Random, digits: tuple[int, int] = (1, 6)) -> Clip:
     noise_power = signal_power / 10 ** (rng.uniform(*SNR_DB) / 10)
     noise = np.random.default_rng(rng.getrandbits(32)).normal(0, math.sqrt(noise_power), wave.shape)
     return Clip(np.clip(wave + noise, -1, 1).astype(np.float32), " ".join(keys))
+
+
+# -- as JSONL datasets ----------------------------------------------------------------------------
+
+CAPTION_PROMPT = "describe the image."
+TRANSCRIBE_PROMPT = "transcribe the audio."
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def write_shapes(out_dir: str | Path, n: int, seed: int, questions: bool = True) -> Path:
+    """`n` scenes as PNG files under out_dir/images and out_dir/shapes.jsonl: one caption example per
+    scene, plus one example per question when `questions`. Returns the JSONL path."""
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    records = []
+    for i in range(n):
+        scene = shapes_scene(rng)
+        name = f"images/{seed}-{i:05d}.png"
+        scene.image.save(out_dir / name)
+        records.append({"image": name, "prompt": CAPTION_PROMPT, "completion": scene.caption})
+        if questions:
+            records += [{"image": name, "prompt": q, "completion": a} for q, a in scene.questions]
+    return _write_jsonl(out_dir / "shapes.jsonl", records)
+
+
+def write_keypad(out_dir: str | Path, n: int, seed: int) -> Path:
+    """`n` clips as 8 kHz WAV files under out_dir/audio and out_dir/keypad.jsonl (transcription
+    examples). Returns the JSONL path."""
+    import soundfile
+
+    out_dir = Path(out_dir)
+    (out_dir / "audio").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    records = []
+    for i in range(n):
+        clip = keypad_clip(rng)
+        name = f"audio/{seed}-{i:05d}.wav"
+        soundfile.write(out_dir / name, clip.wave, SAMPLE_RATE)
+        records.append({"audio": name, "prompt": TRANSCRIBE_PROMPT, "completion": clip.text})
+    return _write_jsonl(out_dir / "keypad.jsonl", records)
