@@ -274,3 +274,20 @@ def test_two_process_ddp_matches_single_process(tmp_path, data_dir):
     for step in a:
         assert b[step] == pytest.approx(a[step], abs=1e-5)
     assert_same_weights(tmp_path / "single/latest", tmp_path / "ddp/latest", atol=1e-5, rtol=1e-4)
+
+
+def test_per_part_learning_rates():
+    from omnigpt.train import build_optimizers
+
+    model = GPT(ModelConfig(**TINY, vocab_size=64))
+    cfg = TrainConfig(lr=1e-3, optimizer="adamw", lr_scale={"h.1": 0.1, "h.1.mlp": 2.0})
+    (adamw,) = build_optimizers(model, cfg, torch.device("cpu"))
+    lr_of = {id(p): g["lr"] for g in adamw.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert lr_of[id(named["h.0.attn.c_attn.weight"])] == pytest.approx(1e-3)
+    assert lr_of[id(named["h.1.attn.c_attn.weight"])] == pytest.approx(1e-4)
+    assert lr_of[id(named["h.1.mlp.c_fc.weight"])] == pytest.approx(2e-3)  # the longest prefix
+    decay = {id(p): g["weight_decay"] for g in adamw.param_groups for p in g["params"]}
+    assert (
+        decay[id(named["h.1.ln_1.weight"])] == 0.0 and decay[id(named["h.1.mlp.c_fc.weight"])] > 0
+    )

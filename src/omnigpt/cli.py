@@ -155,6 +155,11 @@ def _optimisation_args(p: argparse.ArgumentParser, d: TrainConfig) -> None:
     g.add_argument(
         "--seed", type=int, default=d.seed, help="random seed (data order, initialisation)"
     )
+    g.add_argument(
+        "--lr-scale",
+        default="",
+        help="per-part learning rates: name-prefix=factor pairs, e.g. vision=0.1,image_proj=2",
+    )
     g.add_argument("--compile", action="store_true", help="compile the model with torch.compile")
     g.add_argument(
         "--precision",
@@ -505,7 +510,19 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         precision=args.precision,
         device=args.device,
         early_stop_patience=args.early_stop_patience,
+        lr_scale=_lr_scale(args.lr_scale),
     )
+
+
+def _lr_scale(text: str) -> dict[str, float]:
+    scales = {}
+    for item in filter(None, text.split(",")):
+        name, _, factor = item.partition("=")
+        try:
+            scales[name.strip()] = float(factor)
+        except ValueError:
+            raise OmnigptError(f"--lr-scale: {item!r} is not NAME=FACTOR") from None
+    return scales
 
 
 def _report(result, out: Path) -> None:

@@ -217,6 +217,9 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     early_stop_patience: int = 0  # stop after this many evaluations without improvement; 0 = never
+    lr_scale: dict[str, float] = dataclasses.field(
+        default_factory=dict
+    )  # {"vision": 0.1}: per part
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -77,12 +77,18 @@ def build_optimizers(
     """AdamW for everything, or Muon for the blocks' weight matrices and AdamW for the rest.
 
     Weight decay applies to matrices and embeddings only, never to biases and norm gains.
+    `cfg.lr_scale` ({"vision": 0.1, ...}) multiplies the learning rate of the parameters under those
+    name prefixes (the longest matching prefix counts): per-part learning rates.
     """
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def scale(name: str) -> float:
+        hits = [p for p in cfg.lr_scale if name == p or name.startswith(p + ".")]
+        return cfg.lr_scale[max(hits, key=len)] if hits else 1.0
+
     seen: set[int] = set()
-    muon, decay, no_decay = [], [], []
-    for name, p in params:
-        if id(p) in seen:  # tied weights appear once
+    groups: dict[tuple[str, float], list[torch.nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:  # frozen, or a tied weight already counted
             continue
         seen.add(id(p))
         if (
@@ -91,19 +97,28 @@ def build_optimizers(
             and ".h." in f".{name}"
             and "lora_" not in name  # low-rank adapters train with AdamW
         ):
-            muon.append(p)
-        elif p.ndim >= 2:
-            decay.append(p)
+            kind = "muon"
         else:
-            no_decay.append(p)
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+            kind = "decay" if p.ndim >= 2 else "no_decay"
+        groups.setdefault((kind, scale(name)), []).append(p)
+
+    def param_groups(kinds: tuple[str, ...], lr: float) -> list[dict]:
+        return [
+            {
+                "params": params,
+                "lr": lr * factor,
+                "weight_decay": 0.0 if kind == "no_decay" else cfg.weight_decay,
+            }
+            for (kind, factor), params in groups.items()
+            if kind in kinds
+        ]
+
     fused = device.type in ("cuda", "cpu")
+    adamw = param_groups(("decay", "no_decay"), cfg.lr) or [{"params": [], "lr": cfg.lr}]
     optimizers: list[torch.optim.Optimizer] = [
-        torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+        torch.optim.AdamW(adamw, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
     ]
+    muon = param_groups(("muon",), cfg.muon_lr)
     if muon:
         optimizers.append(
             torch.optim.Muon(
