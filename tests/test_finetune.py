@@ -316,6 +316,8 @@ def test_adapter_on_a_different_base_is_refused(tmp_path, base_dir, task_files, 
     save_checkpoint(base_dir, other, tok)
     with pytest.raises(OmnigptError, match="does not match base"):
         load_model(tmp_path / "run")
+    with pytest.raises(OmnigptError, match="has changed since the adapters were trained"):
+        finetune(base_dir, task_files[0], tmp_path / "run", ft, TrainConfig(**QUICK), resume=True)
     # other shapes
     wider = GPT(
         ModelConfig(vocab_size=tok.vocab_size, block_size=48, n_layer=2, n_head=2, n_embd=32)

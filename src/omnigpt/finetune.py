@@ -38,6 +38,7 @@ from omnigpt.lora import (
     load_adapter_state,
     lora_layers,
     merge_lora,
+    same_base,
 )
 from omnigpt.media import collate_media, record_media
 from omnigpt.model import GPT, IGNORE_INDEX
@@ -453,6 +454,11 @@ def finetune(
         extra["base"] = str(Path(base).resolve()) if Path(base).exists() else str(base)
         extra["base_checksum"] = base_checksum(model, list(lora_layers(model)))
         if resume:
+            saved_checksum = load_json(out_dir / "latest" / "config.json").get("base_checksum")
+            if saved_checksum and not same_base(extra["base_checksum"], saved_checksum):
+                raise OmnigptError(
+                    f"{out_dir}: its base {base} has changed since the adapters were trained"
+                )
             load_adapter_state(model, read_adapter(out_dir / "latest"), str(out_dir / "latest"))
 
     torch.manual_seed(train_cfg.seed + dist_info.rank)

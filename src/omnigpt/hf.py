@@ -13,7 +13,6 @@ token embedding. `transformers` itself is never needed to load or export.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from pathlib import Path
@@ -33,7 +32,14 @@ from omnigpt.checkpoint import (
 )
 from omnigpt.config import ModelConfig, load_json
 from omnigpt.errors import OmnigptError
-from omnigpt.lora import LoRAConfig, add_lora, base_checksum, load_adapter_state, merge_lora
+from omnigpt.lora import (
+    LoRAConfig,
+    add_lora,
+    base_checksum,
+    load_adapter_state,
+    merge_lora,
+    same_base,
+)
 from omnigpt.model import GPT
 from omnigpt.tokenizer import EOT, Tokenizer
 
@@ -263,11 +269,7 @@ def load_adapter_checkpoint(
     names = add_lora(model, LoRAConfig(**config["finetune"]["lora"]))
     expected = config.get("base_checksum")
     if expected is not None:
-        got = base_checksum(model, names)
-        if not all(
-            math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-3)
-            for a, b in zip(got, expected, strict=True)
-        ):
+        if not same_base(base_checksum(model, names), expected):
             raise OmnigptError(
                 f"{folder}: adapter does not match base {base} (its weights differ from the ones "
                 "the adapter was trained on)"

@@ -135,6 +135,11 @@ def base_checksum(model: nn.Module, names: list[str]) -> list[float]:
     return [s, sq]
 
 
+def same_base(a: list[float], b: list[float]) -> bool:
+    """Whether two `base_checksum` values describe the same weights (up to float round-off)."""
+    return all(math.isclose(x, y, rel_tol=1e-5, abs_tol=1e-3) for x, y in zip(a, b, strict=True))
+
+
 def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Copies saved adapter weights into a model that `add_lora` wrapped with the same config."""
     expected = adapter_state(model)
