@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import numpy as np
@@ -301,41 +302,22 @@ def test_multimodal_checkpoints_round_trip(tmp_path):
 # -- training through the fine-tuning loop --------------------------------------------------------
 
 
-def _write_shapes(folder, n, seed):
-    import json
-    import random
-
-    from omnigpt.synthetic import shapes_scene
-
-    (folder / "img").mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    lines = []
-    for i in range(n):
-        scene = shapes_scene(rng)
-        scene.image.save(folder / f"img/{seed}-{i}.png")
-        record = {"image": f"img/{seed}-{i}.png", "prompt": "caption:", "completion": scene.caption}
-        lines.append(json.dumps(record))
-    path = folder / f"shapes-{seed}.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 def test_alignment_trains_the_projector_and_leaves_the_decoder_untouched(tmp_path):
     from omnigpt.checkpoint import load_checkpoint, save_checkpoint
     from omnigpt.config import ModelConfig, TrainConfig
     from omnigpt.finetune import FinetuneConfig, finetune
     from omnigpt.model import GPT
     from omnigpt.model.fusion import MultimodalGPT
-    from omnigpt.synthetic import COLOURS, SHAPES
+    from omnigpt.synthetic import CAPTION_PROMPT, COLOURS, SHAPES, write_shapes
     from omnigpt.tokenizer import AUDIO as AUDIO_TOKEN
     from omnigpt.tokenizer import IMAGE, Tokenizer
 
-    tok = Tokenizer.train_char([" ".join([*COLOURS, *SHAPES, "a and , caption:"])])
+    tok = Tokenizer.train_char([" ".join([*COLOURS, *SHAPES, "a and ,", CAPTION_PROMPT])])
     torch.manual_seed(0)
     gpt = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=96, n_layer=2, n_head=2, n_embd=32))
     model = MultimodalGPT(gpt, VISION, None, tok.token_id(IMAGE), tok.token_id(AUDIO_TOKEN))
     save_checkpoint(tmp_path / "base", model, tok)
-    data = _write_shapes(tmp_path, 48, seed=1)
+    data = write_shapes(tmp_path, 48, seed=1, questions=False)
     cfg = TrainConfig(batch_size=8, max_steps=12, lr=3e-3, warmup_steps=2, eval_interval=6)
     ft = FinetuneConfig(method="partial", trainable=("vision", "image_proj"))
     finetune(tmp_path / "base", data, tmp_path / "run", ft, cfg, progress=False)
@@ -349,11 +331,11 @@ def test_alignment_trains_the_projector_and_leaves_the_decoder_untouched(tmp_pat
 
     # a missing or corrupt image stops the run with its path and line, or is skipped on request
     lines = data.read_text().splitlines()
-    (tmp_path / "img/1-3.png").unlink()
-    (tmp_path / "img/1-5.png").write_bytes(b"not a png")
+    (tmp_path / "images/1-00003.png").unlink()
+    (tmp_path / "images/1-00005.png").write_bytes(b"not a png")
     # (the first met after the seeded train/val shuffle)
     with pytest.raises(
-        OmnigptError, match="line (4: .*1-3.png: image not found|6: .*1-5.png: cannot read)"
+        OmnigptError, match="line (4: .*1-00003.png: image not found|6: .*1-00005.png: cannot read)"
     ):
         finetune(tmp_path / "base", data, tmp_path / "run2", ft, cfg, progress=False)
     assert not (tmp_path / "run2").exists()
@@ -383,16 +365,7 @@ def test_builtin_datasets_evaluate_through_a_multimodal_model(tmp_path):
     from omnigpt.model.fusion import MultimodalGPT
 
     tok = Tokenizer.train_char(["describe the image. transcribe the audio. 0123456789"])
-    audio = AudioConfig(
-        sample_rate=8000,
-        n_fft=200,
-        hop_length=80,
-        n_mels=20,
-        max_seconds=3.0,
-        n_layer=1,
-        n_head=2,
-        n_embd=16,
-    )
+    audio = dataclasses.replace(AUDIO, max_seconds=3.0)  # the longest keypad clip is about 2 s
     gpt = GPT(
         ModelConfig(vocab_size=tok.vocab_size, block_size=160, n_layer=1, n_head=2, n_embd=32)
     )

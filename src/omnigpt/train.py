@@ -18,7 +18,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -31,6 +31,18 @@ from omnigpt.data import RandomWindows, load_tokens, sequential_windows
 from omnigpt.errors import OmnigptError
 from omnigpt.model import GPT, IGNORE_INDEX
 from omnigpt.tokenizer import Tokenizer
+
+
+class Batches(Protocol):
+    """What `fit` draws training batches from: `RandomWindows`, `finetune.ExampleBatches`."""
+
+    block_size: int
+
+    def next_batch(self) -> tuple: ...  # (x, y) or (x, y, extra model inputs)
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 @dataclass
@@ -211,7 +223,7 @@ class RunResult:
 def fit(
     model: GPT,
     tokenizer: Tokenizer,
-    train_batches: RandomWindows,
+    train_batches: Batches,
     val,
     cfg: TrainConfig,
     run_dir: str | Path,
