@@ -447,3 +447,64 @@ def test_chat_history_drops_oldest_turns_to_fit():
     assert dropped > 0 and kept[-1]["content"] == "last" and kept[0]["role"] == "user"
     assert len(render_conversation(tok, system + kept)) <= 60
     assert kept == history[dropped:]
+
+
+def test_multimodal_commands_end_to_end(tmp_path, capsys, monkeypatch):
+    from omnigpt.evaluate import generate_answers
+    from omnigpt.generate import GenerationOptions
+    from omnigpt.hf import load_model
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["make-data", "shapes", "keypad", "--out", "media", "-n", "8", "--seed", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "examples in media/shapes.jsonl" in out and "8 examples in media/keypad.jsonl" in out
+    both = Path("media/all.jsonl")
+    assert sorted(both.read_text().splitlines()) == sorted(
+        (
+            Path("media/shapes.jsonl").read_text() + Path("media/keypad.jsonl").read_text()
+        ).splitlines()
+    )
+    small = "tiny,n_layer=1,n_head=2,n_embd=16"
+    audio = f"{small},sample_rate=8000,n_fft=200,hop_length=80,n_mels=20,max_seconds=3"
+    train = ["train", "--data", str(both), "--vision", small, "--audio", audio, "--out", "run"]
+    quick = ["--preset", "nano", "--eval-interval", "3", "--batch-size", "4", "--no-progress"]
+    assert main([*train, *quick, "--max-steps", "3"]) == 0
+    assert main(["train", "--out", "run", "--resume", "--max-steps", "5", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "new model in run/init" in out and "done: 5 steps" in out
+
+    # each command answers as the library does, one line per file
+    model, tok = load_model("run")
+    opts = GenerationOptions(temperature=0, max_new_tokens=6)
+
+    def expected(record):
+        return generate_answers(model, tok, [record], opts, progress=False)[0]
+
+    image, clip = "media/images/1-00000.png", "media/audio/1-00000.wav"
+    n = ["--max-new-tokens", "6"]
+    assert main(["caption", "--model", "run", image, "media/images/1-00001.png", *n]) == 0
+    assert main(["ask", "--model", "run", image, "how many shapes are there?", *n]) == 0
+    assert main(["transcribe", "--model", "run", clip, *n]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [
+        f"{image}: " + expected({"image": image, "prompt": "describe the image."}),
+        "media/images/1-00001.png: "
+        + expected({"image": "media/images/1-00001.png", "prompt": "describe the image."}),
+        expected({"image": image, "prompt": "how many shapes are there?"}),
+        expected({"audio": clip, "prompt": "transcribe the audio."}),
+    ]
+    _fails_cleanly(
+        ["transcribe", "--model", "run", "nope.wav"], capsys, "nope.wav: audio file not found"
+    )
+
+    # a chat turn can bring an image or a clip; a bad path is reported and the chat goes on
+    session = subprocess.run(
+        [sys.executable, "-m", "omnigpt", "chat", "--model", "run", "--temperature", "0", *n],
+        input=f"/image {image} what colour?\n/audio nope.wav hi\n/audio {clip}\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert session.returncode == 0, session.stderr
+    replies = session.stdout.splitlines()
+    assert len(replies) == 3 and replies[1] == "(nope.wav: audio file not found)", replies

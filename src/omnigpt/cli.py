@@ -3,6 +3,9 @@
     omnigpt prepare corpus/ --out data/mine --tokenizer bpe:4096
     omnigpt train --data data/mine --out runs/mine --preset micro --max-seconds 600
     omnigpt generate --model runs/mine "def "
+    omnigpt make-data shapes --out data/shapes -n 4000
+    omnigpt train --data data/shapes/shapes.jsonl --vision small --out runs/shapes
+    omnigpt caption --model runs/shapes picture.png
 
 Problems a user can fix are printed as one `omnigpt: error: ...` line with exit status 2.
 """
@@ -19,11 +22,13 @@ from typing import TYPE_CHECKING
 
 from omnigpt.config import PRESETS, ModelConfig, TrainConfig
 from omnigpt.errors import OmnigptError
+from omnigpt.synthetic import CAPTION_PROMPT, TRANSCRIBE_PROMPT
 
 if TYPE_CHECKING:
     from omnigpt.generate import GenerationOptions
 
 BUILTIN_DATA = Path("data/python-stdlib")
+
 BUILTIN_TOKENIZER = "bpe:4096"
 
 
@@ -58,7 +63,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data",
         help="folder made by `omnigpt prepare` (default: the Python standard library, "
-        f"prepared into {BUILTIN_DATA} on first use)",
+        f"prepared into {BUILTIN_DATA} on first use), or a JSONL file of examples, with images "
+        "or audio or neither, to train a model on from nothing",
     )
     p.add_argument(
         "--out", help="run folder for checkpoints and logs (default: runs/run-DATE-TIME)"
@@ -84,7 +90,33 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--norm", choices=["layernorm", "rmsnorm"], help="normalisation kind")
     g.add_argument("--dropout", type=float, help="dropout probability (default 0)")
     g.add_argument("--untie", action="store_true", help="give the LM head its own weights")
+    g = p.add_argument_group("training on JSONL examples (--data FILE.jsonl)")
+    g.add_argument(
+        "--tokenizer",
+        default="char",
+        help="char, or bpe:VOCAB_SIZE, trained on the examples' text",
+    )
+    _encoder_args(g)
+    g.add_argument("--pack", action="store_true", help="pack several examples per row")
     _optimisation_args(p, d)
+
+
+def _encoder_args(g: argparse._ArgumentGroup) -> None:
+    from omnigpt.config import ENCODER_PRESETS
+
+    presets = ", ".join(ENCODER_PRESETS)
+    g.add_argument(
+        "--vision",
+        metavar="SPEC",
+        help=f"attach a new image encoder: {presets}, optionally with overrides "
+        "(small,image_size=96,patch_size=8)",
+    )
+    g.add_argument(
+        "--audio",
+        metavar="SPEC",
+        help=f"attach a new audio encoder: {presets}, optionally with overrides "
+        "(small,sample_rate=8000,n_fft=200,hop_length=80)",
+    )
 
 
 def _optimisation_args(p: argparse.ArgumentParser, d: TrainConfig) -> None:
@@ -246,6 +278,12 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="leave out examples whose image or audio file is missing or unreadable (default: stop)",
     )
+    g = p.add_argument_group(
+        "images and audio",
+        "New encoders start untrained: align them first with the decoder frozen "
+        "(--method partial --trainable vision,image_proj), then tune on instructions.",
+    )
+    _encoder_args(g)
     _optimisation_args(p, FINETUNE_DEFAULTS)
 
 
@@ -300,6 +338,47 @@ def _chat_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="fine-tuned chat model: run or checkpoint folder")
     p.add_argument("--system", help="system prompt that starts the conversation")
     _sampling_args(p, temperature=0.7)
+
+
+def _media_args(p: argparse.ArgumentParser, kind: str, prompt: str | None) -> None:
+    p.add_argument(
+        "--model", required=True, help=f"run or checkpoint folder of a model with {kind}"
+    )
+    p.add_argument("files", nargs="+", metavar=kind.upper(), help=f"{kind} files")
+    if prompt is None:  # `ask`: the question is the last argument
+        p.add_argument("question", help="the question about the image")
+    else:
+        p.add_argument(
+            "--prompt", default=prompt, help=f"the instruction given with each file ({prompt!r})"
+        )
+    _sampling_args(p, temperature=0.0)
+
+
+def _make_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "kinds",
+        nargs="+",
+        choices=["shapes", "keypad"],
+        help="shapes: images of coloured shapes with captions and questions; keypad: telephone "
+        "key tones with their digits; both: also all.jsonl with every example, shuffled",
+    )
+    p.add_argument("--out", required=True, help="folder for the JSONL file and the media files")
+    p.add_argument("-n", type=int, default=1000, help="number of images or clips")
+    p.add_argument("--seed", type=int, default=0, help="random seed (another seed: other data)")
+    p.add_argument(
+        "--no-questions", action="store_true", help="shapes: captions only, no questions"
+    )
+    p.add_argument(
+        "--max-shapes", type=int, choices=[1, 2, 3], default=3, help="shapes: at most N per image"
+    )
+    p.add_argument(
+        "--max-digits",
+        type=int,
+        choices=range(1, 7),
+        default=6,
+        metavar="{1..6}",
+        help="keypad: at most N key presses per clip",
+    )
 
 
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
@@ -403,6 +482,40 @@ def build_parser() -> argparse.ArgumentParser:
             description="Generate text from a trained model, streaming to the terminal.",
         )
     )
+    _media_args(
+        sub.add_parser(
+            "caption",
+            help="describe images with a model that sees",
+            description="Write a caption for each image (greedy by default).",
+        ),
+        "image",
+        CAPTION_PROMPT,
+    )
+    _media_args(
+        sub.add_parser(
+            "ask",
+            help="answer a question about an image",
+            description="Answer a question about each image (greedy by default).",
+        ),
+        "image",
+        None,
+    )
+    _media_args(
+        sub.add_parser(
+            "transcribe",
+            help="transcribe audio with a model that hears",
+            description="Transcribe each audio file: WAV, FLAC or OGG at any sample rate.",
+        ),
+        "audio",
+        TRANSCRIBE_PROMPT,
+    )
+    _make_data_args(
+        sub.add_parser(
+            "make-data",
+            help="write the built-in image or audio data set (seeded, no download)",
+            description="Write a built-in data set as JSONL plus PNG or WAV files.",
+        )
+    )
     _convert_args(
         sub.add_parser(
             "convert",
@@ -446,6 +559,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.resume and not args.out:
         raise OmnigptError("--resume needs --out RUN_FOLDER")
     out = Path(args.out) if args.out else Path("runs") / time.strftime("run-%Y%m%d-%H%M%S")
+    signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
+    if args.data and args.data.endswith(".jsonl") or _examples_run(out, args.resume):
+        return _train_on_examples(args, out)
+    if args.vision or args.audio:
+        raise OmnigptError("--vision / --audio train on examples: give --data FILE.jsonl")
     if args.resume:
         data = Path(args.data or "")  # the run folder's config names its data
     else:
@@ -454,6 +572,20 @@ def cmd_train(args: argparse.Namespace) -> None:
             raise OmnigptError(
                 f"{data}: not a prepared data folder (run `omnigpt prepare ... --out {data}`)"
             )
+    result = pretrain(
+        data,
+        out,
+        _model_config(args),
+        _train_config(args),
+        resume=args.resume,
+        init_from=args.init_from,
+        progress=not args.no_progress,
+        resume_overrides=_budgets(args),
+    )
+    _report(result, out)
+
+
+def _model_config(args: argparse.Namespace) -> ModelConfig:
     overrides = {
         k: getattr(args, k)
         for k in (
@@ -470,21 +602,53 @@ def cmd_train(args: argparse.Namespace) -> None:
     }
     if args.untie:
         overrides["tie_embeddings"] = False
-    model_cfg = ModelConfig.from_preset(args.preset, **overrides)
-    train_cfg = _train_config(args)
-    signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
-    budgets = {
+    return ModelConfig.from_preset(args.preset, **overrides)
+
+
+def _budgets(args: argparse.Namespace) -> dict:
+    """The step and time budgets given on the command line (they override a resumed run's)."""
+    return {
         k: getattr(args, k) for k in ("max_steps", "max_seconds") if getattr(args, k) is not None
     }
-    result = pretrain(
-        data,
+
+
+def _examples_run(out: Path, resume: bool) -> bool:
+    """Whether --resume names a run that trains on JSONL examples (it has an init/ checkpoint)."""
+    return resume and (out / "init").is_dir()
+
+
+def _train_on_examples(args: argparse.Namespace, out: Path) -> None:
+    """A new model (encoders as asked, tokenizer trained on the examples' text) saved in out/init,
+    then trained on every weight by `finetune()`, on the same loop and run folder as `train`."""
+    from omnigpt.chat import read_records
+    from omnigpt.checkpoint import save_checkpoint
+    from omnigpt.finetune import FinetuneConfig, finetune, new_model
+
+    if args.init_from:
+        raise OmnigptError(
+            "--init-from: to start JSONL training from a model, use `omnigpt finetune`"
+        )
+    if not args.resume:
+        if (out / "init").exists():
+            raise OmnigptError(f"{out} already holds a run; pass --resume, or choose another --out")
+        import torch
+
+        records = read_records(args.data)
+        torch.manual_seed(args.seed)
+        model, tokenizer = new_model(
+            records, _model_config(args), args.tokenizer, args.vision, args.audio
+        )
+        save_checkpoint(out / "init", model, tokenizer)
+        print(f"new model in {out / 'init'} ({tokenizer.vocab_size} tokens: {args.tokenizer})")
+    result = finetune(
+        out / "init",
+        args.data,
         out,
-        model_cfg,
-        train_cfg,
+        FinetuneConfig(method="full", pack=args.pack),
+        _train_config(args),
         resume=args.resume,
-        init_from=args.init_from,
         progress=not args.no_progress,
-        resume_overrides=budgets,
+        resume_overrides=_budgets(args),
     )
     _report(result, out)
 
@@ -541,6 +705,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     if args.resume and not args.out:
         raise OmnigptError("--resume needs --out RUN_FOLDER")
     out = Path(args.out) if args.out else Path("runs") / time.strftime("finetune-%Y%m%d-%H%M%S")
+    signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
     ft_cfg = FinetuneConfig(
         method=args.method,
         trainable=tuple(t for t in args.trainable.split(",") if t),
@@ -556,11 +721,9 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         val_fraction=args.val_fraction,
         epochs=args.epochs,
         skip_bad_media=args.skip_bad_media,
+        vision=args.vision,
+        audio=args.audio,
     )
-    signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
-    budgets = {
-        k: getattr(args, k) for k in ("max_steps", "max_seconds") if getattr(args, k) is not None
-    }
     result = finetune(
         args.model,
         args.data,
@@ -570,7 +733,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         val_data=args.val_data,
         resume=args.resume,
         progress=not args.no_progress,
-        resume_overrides=budgets,
+        resume_overrides=_budgets(args),
     )
     _report(result, out)
 
@@ -656,9 +819,12 @@ def _generation_options(args: argparse.Namespace, **extra) -> GenerationOptions:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    from omnigpt.chat import fit_history, render_conversation, stop_ids
+    from omnigpt.chat import fit_history, stop_ids
+    from omnigpt.evaluate import media_prompt
     from omnigpt.generate import generate_tokens
     from omnigpt.hf import load_model
+    from omnigpt.media import collate_media
+    from omnigpt.tokenizer import AUDIO, IMAGE
     from omnigpt.train import pick_device
 
     opts = _generation_options(args, token_healing=False)
@@ -669,6 +835,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
     interactive = sys.stdin.isatty()
     if interactive:
         print("chatting with", args.model, "— /reset starts over, /exit or Ctrl-D leaves")
+        if getattr(model, "vision", None) or getattr(model, "audio", None):
+            print("/image PATH [text] or /audio PATH [text] puts a file in your message")
     while True:
         try:
             line = input("you> " if interactive else "")
@@ -682,12 +850,31 @@ def cmd_chat(args: argparse.Namespace) -> None:
             continue
         if not text:
             continue
-        history.append({"role": "user", "content": text})
+        message = {"role": "user", "content": text}
+        command, _, rest = text.partition(" ")
+        if command in ("/image", "/audio"):
+            path, _, text = rest.strip().partition(" ")
+            if not path:
+                print(f"({command} needs a file path)")
+                continue
+            kind = command[1:]
+            placeholder = IMAGE if kind == "image" else AUDIO
+            message = {"role": "user", "content": placeholder + text.strip(), kind: path}
+        history.append(message)
         budget = model.config.block_size - min(opts.max_new_tokens, model.config.block_size // 2)
         history, dropped = fit_history(tokenizer, system, history, budget)
         if dropped and interactive:
             print(f"(dropped the {dropped} oldest message(s) to stay within the context)")
-        prompt = render_conversation(tokenizer, system + history)
+        conversation = system + history
+        record = {"messages": [*conversation, {"role": "assistant", "content": ""}]}
+        for kind in ("image", "audio"):
+            record[kind] = [m[kind] for m in conversation if kind in m]
+        try:
+            prompt, media = media_prompt(model, tokenizer, record)
+        except OmnigptError as e:
+            print(f"({e})")
+            history.pop()
+            continue
         if len(prompt) >= model.config.block_size:
             print(
                 f"(that message is too long for the model's context of {model.config.block_size} tokens)"
@@ -702,10 +889,53 @@ def cmd_chat(args: argparse.Namespace) -> None:
                 sys.stdout.write(stream.push(ids[0]))
                 sys.stdout.flush()
 
-        new = generate_tokens(model, [prompt], opts, stops, tokenizer.vocab_size, on_step)
+        device = model.wte.weight.device
+        inputs = {k: v.to(device) for k, v in collate_media([media]).items()} if media else {}
+        new = generate_tokens(
+            model, [prompt], opts, stops, tokenizer.vocab_size, on_step, prefill_inputs=inputs
+        )
         sys.stdout.write(stream.flush() + "\n")
         sys.stdout.flush()
         history.append({"role": "assistant", "content": tokenizer.decode(new[0]).strip()})
+
+
+def cmd_media(args: argparse.Namespace) -> None:
+    """caption / ask / transcribe: one answer per file, printed as it comes."""
+    from omnigpt.evaluate import generate_answers
+    from omnigpt.hf import load_model
+    from omnigpt.train import pick_device
+
+    kind = "audio" if args.command == "transcribe" else "image"
+    prompt = args.question if args.command == "ask" else args.prompt
+    model, tokenizer = load_model(args.model, pick_device(args.device))
+    opts = _generation_options(args, token_healing=False)
+    for path in args.files:
+        record = {kind: str(Path(path).resolve()), "prompt": prompt}
+        [answer] = generate_answers(model, tokenizer, [record], opts, progress=False)
+        print(f"{path}: {answer}" if len(args.files) > 1 else answer, flush=True)
+
+
+def cmd_make_data(args: argparse.Namespace) -> None:
+    import random
+
+    from omnigpt.synthetic import write_keypad, write_shapes
+
+    lines = []
+    for kind in dict.fromkeys(args.kinds):
+        if kind == "shapes":
+            path = write_shapes(
+                args.out, args.n, args.seed, not args.no_questions, (1, args.max_shapes)
+            )
+        else:
+            path = write_keypad(args.out, args.n, args.seed, (1, args.max_digits))
+        these = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        print(f"{len(these):,} example{'s' * (len(these) != 1)} in {path}")
+        lines += these
+    if len(set(args.kinds)) > 1:
+        random.Random(args.seed).shuffle(lines)
+        path = Path(args.out) / "all.jsonl"
+        path.write_text("".join(lines), encoding="utf-8")
+        print(f"{len(lines):,} examples in {path}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -777,6 +1007,10 @@ COMMANDS = {
     "evaluate": cmd_evaluate,
     "generate": cmd_generate,
     "convert": cmd_convert,
+    "caption": cmd_media,
+    "ask": cmd_media,
+    "transcribe": cmd_media,
+    "make-data": cmd_make_data,
 }
 
 

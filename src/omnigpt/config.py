@@ -113,6 +113,38 @@ class EncoderConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_spec(cls, spec: str):
+        """A preset name with optional field overrides: "small", "small,n_layer=6,sample_rate=8000"."""
+        name, *items = [part.strip() for part in spec.split(",")]
+        if name not in ENCODER_PRESETS:
+            raise OmnigptError(
+                f"unknown encoder preset {name!r}; choose one of: {', '.join(ENCODER_PRESETS)}"
+            )
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = dict(ENCODER_PRESETS[name])
+        for item in items:
+            key, _, text = item.partition("=")
+            key = key.strip()
+            if key not in fields or not text:
+                raise OmnigptError(
+                    f"{spec!r}: {item!r} is not FIELD=VALUE with FIELD one of: {', '.join(fields)}"
+                )
+            kind = type(fields[key].default)
+            try:
+                values[key] = kind(text)
+            except ValueError:
+                raise OmnigptError(f"{spec!r}: {key} must be {kind.__name__}") from None
+        return cls(**values)
+
+
+# Encoder shapes by name, for `--vision` / `--audio`; any field can be overridden after a comma.
+ENCODER_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(n_layer=2, n_head=4, n_embd=64),
+    "small": dict(n_layer=4, n_head=4, n_embd=128),
+    "base": dict(n_layer=6, n_head=8, n_embd=256),
+}
+
 
 @dataclass
 class VisionConfig(EncoderConfig):
@@ -161,6 +193,7 @@ class AudioConfig(EncoderConfig):
     n_mels: int = 80
     max_seconds: float = 10.0  # longest clip the position table covers
     stack: int = 2
+    ctc: float = 0.0  # weight of an auxiliary CTC loss on the encoder, for transcripts (0: none)
 
     @property
     def max_frames(self) -> int:

@@ -51,6 +51,25 @@ def perplexity(
     return math.exp(loss)
 
 
+def media_prompt(
+    model: GPT | MultimodalGPT, tokenizer: Tokenizer, record: dict, base_dir: str | Path = "."
+) -> tuple[list[int], dict]:
+    """The prompt ids of a record (see chat.prompt_ids) and the media they hold, read from the
+    files the record names (paths relative to `base_dir`), placeholders expanded to match."""
+    if not isinstance(model, MultimodalGPT):
+        if record.get("image") or record.get("audio"):
+            raise OmnigptError("this model reads text only: it has no image or audio encoder")
+        return prompt_ids(tokenizer, record), {}
+    counts, media = record_media(
+        record,
+        Path(base_dir),
+        model.vision.config if model.vision else None,
+        model.audio.config if model.audio else None,
+    )
+    record = with_placeholders(record, {k: len(v) for k, v in counts.items()})
+    return prompt_ids(tokenizer, record, counts), media
+
+
 def generate_answers(
     model: GPT | MultimodalGPT,
     tokenizer: Tokenizer,
@@ -62,20 +81,11 @@ def generate_answers(
 ) -> list[str]:
     """The model's answer to each record, in record order. A multimodal model reads the images and
     audio the records name (paths relative to `base_dir`); they are encoded once per batch."""
-    media: list[dict] = [{} for _ in records]
-    prompts = []
-    for i, r in enumerate(records):
-        if isinstance(model, MultimodalGPT):
-            counts, media[i] = record_media(
-                r,
-                Path(base_dir),
-                model.vision.config if model.vision else None,
-                model.audio.config if model.audio else None,
-            )
-            r = with_placeholders(r, {k: len(v) for k, v in counts.items()})
-            prompts.append(prompt_ids(tokenizer, r, counts))
-        else:
-            prompts.append(prompt_ids(tokenizer, r))
+    if not records:
+        return []
+    prompts, media = zip(
+        *(media_prompt(model, tokenizer, r, base_dir) for r in records), strict=True
+    )
     limit = model.config.block_size - 1
     # keep the end of a text prompt longer than the context (cutting media would break them)
     prompts = [p if media[i] else p[-limit:] for i, p in enumerate(prompts)]

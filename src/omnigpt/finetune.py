@@ -10,6 +10,11 @@ positions and a block-diagonal causal mask, so attention never crosses from one 
 Three ways to adapt: `full` trains everything; `partial` freezes all but the named parameters
 (`--trainable h.5,ln_f,lm_head` or `--last-blocks 2`); `lora` freezes the base and trains low-rank
 adapters, saved on their own. Training runs through the same `fit()` loop as pretraining.
+
+Multimodal training is staged the same way: `vision="small"` / `audio="small"` attach new encoders
+to a text model; `method="partial", trainable=("vision", "image_proj")` aligns them with the decoder
+frozen; a second run (full, partial or LoRA) then tunes the decoder on instructions. `new_model`
+builds a model from nothing, tokenizer included, for training on examples alone.
 """
 
 from __future__ import annotations
@@ -26,9 +31,9 @@ from typing import Any
 
 import torch
 
-from omnigpt.chat import read_records, render, with_placeholders
+from omnigpt.chat import read_records, reference, render, with_placeholders
 from omnigpt.checkpoint import read_adapter
-from omnigpt.config import TrainConfig, load_json, save_json
+from omnigpt.config import AudioConfig, ModelConfig, TrainConfig, VisionConfig, load_json, save_json
 from omnigpt.errors import OmnigptError
 from omnigpt.hf import load_model
 from omnigpt.lora import (
@@ -42,8 +47,8 @@ from omnigpt.lora import (
 )
 from omnigpt.media import collate_media, record_media
 from omnigpt.model import GPT, IGNORE_INDEX
-from omnigpt.model.fusion import MultimodalGPT
-from omnigpt.tokenizer import PAD, Tokenizer
+from omnigpt.model.fusion import MultimodalGPT, attach_encoders
+from omnigpt.tokenizer import AUDIO, IMAGE, PAD, Tokenizer
 from omnigpt.train import RunResult, fit, setup_distributed
 
 # inputs, targets (already shifted by one), and for multimodal examples a third item: the media
@@ -66,6 +71,8 @@ class FinetuneConfig:
     epochs: float | None = None  # passes over the examples; sets TrainConfig.max_steps
     val_fraction: float = 0.05  # held out when no validation file is given
     skip_bad_media: bool = False  # leave out examples whose image/audio cannot be read
+    vision: str | None = None  # attach a new image encoder: a preset and overrides ("small,...")
+    audio: str | None = None  # attach a new audio encoder, likewise
 
     def __post_init__(self) -> None:
         if self.method not in ("full", "partial", "lora"):
@@ -74,6 +81,11 @@ class FinetuneConfig:
             raise OmnigptError(f"--too-long must be truncate or drop, not {self.too_long!r}")
         if self.method == "partial" and not (self.trainable or self.last_blocks):
             raise OmnigptError("partial fine-tuning needs --trainable NAMES or --last-blocks N")
+        if self.method == "lora" and (self.vision or self.audio):
+            raise OmnigptError(
+                "new encoders cannot train under LoRA (only adapters are saved): align them first "
+                "with --method partial --trainable vision,image_proj (or audio,audio_proj)"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in self.__dict__.items() if k != "lora"}
@@ -137,6 +149,9 @@ def tokenize_records(
                 continue
             record = with_placeholders(record, {k: len(v) for k, v in counts.items()})
             r = render(tokenizer, record, counts)
+            if len(media.get("mel", [])) == 1:  # its answer, for a CTC loss on the encoder
+                answer = reference(record).strip()
+                media["transcript"] = tokenizer.encode(answer, allow_special=False)
         else:
             r = render(tokenizer, record)
         x, y = r.ids[:-1], r.labels[1:]
@@ -324,17 +339,18 @@ def freeze_except(model: torch.nn.Module, patterns: list[str]) -> list[str]:
     names = [n for n, _ in model.named_parameters()]
 
     def hit(name: str, pat: str) -> bool:
-        return (
-            fnmatch.fnmatchcase(name, pat)
-            or name.startswith(pat + ".")
-            or fnmatch.fnmatchcase(name, pat + ".*")
+        return any(
+            fnmatch.fnmatchcase(n, pat)
+            or n.startswith(pat + ".")
+            or fnmatch.fnmatchcase(n, pat + ".*")
+            for n in (name, name.removeprefix("gpt."))  # a multimodal model's decoder is "gpt."
         )
 
     for pat in patterns:
         if not any(hit(n, pat) for n in names):
             raise OmnigptError(
                 f"--trainable {pat!r} matches no parameter (names look like h.0.attn.c_attn.weight, "
-                "ln_f.weight, lm_head.weight)"
+                "ln_f.weight, lm_head.weight; vision, image_proj, audio, audio_proj)"
             )
     trainable = []
     for name, p in model.named_parameters():
@@ -379,9 +395,63 @@ def prepare_model(model: GPT, cfg: FinetuneConfig) -> str:
             p.requires_grad_(True)
         what = "full fine-tuning"
     trainable, total = count_trainable(model)
+    if trainable == 0:
+        raise OmnigptError("nothing to train: every parameter is frozen")
     return (
         f"{what}: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.2f}%)"
     )
+
+
+# -- building multimodal models -------------------------------------------------------------------
+
+
+def add_encoders(
+    model: GPT | MultimodalGPT, tokenizer: Tokenizer, vision: str | None, audio: str | None
+) -> GPT | MultimodalGPT:
+    """`model` with new encoders attached, from specs such as "small" or "tiny,n_layer=3"."""
+    if not (vision or audio):
+        return model
+    ids = {name: tokenizer.token_id(name) for name in (IMAGE, AUDIO)}
+    missing = [name for name, i in ids.items() if i is None]
+    if missing:
+        raise OmnigptError(
+            f"the model's tokenizer has no {' or '.join(missing)} token to place media at "
+            "(omnigpt tokenizers reserve them; a GPT-2 vocabulary does not)"
+        )
+    return attach_encoders(
+        model,
+        VisionConfig.from_spec(vision) if vision else None,
+        AudioConfig.from_spec(audio) if audio else None,
+        ids[IMAGE],
+        ids[AUDIO],
+    )
+
+
+def record_texts(record: dict) -> list[str]:
+    """The text of an example: prompt and completion, or every message."""
+    if "messages" in record:
+        return [m["content"] for m in record["messages"]]
+    return [record["prompt"], record["completion"]]
+
+
+def new_model(
+    records: list[dict],
+    model_cfg: ModelConfig,
+    tokenizer_spec: str = "char",
+    vision: str | None = None,
+    audio: str | None = None,
+) -> tuple[GPT | MultimodalGPT, Tokenizer]:
+    """A randomly initialised model, with encoders as asked, and a tokenizer trained on the text of
+    `records` ("char", or "bpe:VOCAB_SIZE"): for training on examples with nothing to start from."""
+    texts = [t for r in records for t in record_texts(r)]
+    if tokenizer_spec == "char":
+        tokenizer = Tokenizer.train_char(texts)
+    elif tokenizer_spec.startswith("bpe:") and tokenizer_spec[4:].isdigit():
+        tokenizer = Tokenizer.train_bpe(texts, int(tokenizer_spec[4:]))
+    else:
+        raise OmnigptError(f"--tokenizer {tokenizer_spec!r}: use char or bpe:VOCAB_SIZE")
+    cfg = ModelConfig(**{**model_cfg.to_dict(), "vocab_size": tokenizer.vocab_size})
+    return add_encoders(GPT(cfg), tokenizer, vision, audio), tokenizer
 
 
 # -- the entry point ------------------------------------------------------------------------------
@@ -424,6 +494,7 @@ def finetune(
     else:
         model, tokenizer = load_model(base)
         merge_lora(model)  # a LoRA run as the base: its adapters become part of the weights
+        model = add_encoders(model, tokenizer, ft_cfg.vision, ft_cfg.audio)
     model.train()
     pad_id = tokenizer.token_id(PAD)
     if pad_id is None:

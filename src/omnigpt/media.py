@@ -10,6 +10,7 @@ log10, a floor 8 (80 dB) below the clip's peak, then (x + 4) / 4 so values sit a
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -53,6 +54,8 @@ def load_audio(path: str | Path, sample_rate: int) -> torch.Tensor:
     """Mono samples (N,) in [-1, 1] at `sample_rate`, from any file soundfile reads (WAV, FLAC, OGG)."""
     import soundfile
 
+    if not Path(path).is_file():
+        raise OmnigptError(f"{path}: audio file not found")
     try:
         data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)  # (N, channels)
     except FileNotFoundError:
@@ -88,6 +91,7 @@ def resample(wave: torch.Tensor, orig_rate: int, new_rate: int, width: int = 6) 
     return y[: math.ceil(new * wave.numel() / orig)]
 
 
+@functools.lru_cache(maxsize=8)
 def mel_filters(sample_rate: int, n_fft: int, n_mels: int) -> torch.Tensor:
     """Triangular filters on the HTK mel scale, area-normalised (as Slaney): (n_mels, n_fft // 2 + 1)."""
 
@@ -166,7 +170,9 @@ def _paths(value) -> list[str]:
 
 def collate_media(media: list[dict]) -> dict[str, torch.Tensor]:
     """The media of several examples, in order, as model inputs: images (N, 3, S, S), and clips
-    zero-padded to the longest, mel (M, n_mels, T), with their true lengths `frames` (M,)."""
+    zero-padded to the longest, mel (M, n_mels, T), with their true lengths `frames` (M,). When
+    every clip comes with a "transcript" (token ids), also those, concatenated, as `ctc_targets`
+    with their lengths `ctc_lengths` (M,)."""
     out: dict[str, torch.Tensor] = {}
     images = [m["images"] for m in media if "images" in m]
     if images:
@@ -176,4 +182,8 @@ def collate_media(media: list[dict]) -> dict[str, torch.Tensor]:
         longest = max(m.size(-1) for m in mels)
         out["mel"] = torch.stack([F.pad(m, (0, longest - m.size(-1))) for m in mels])
         out["frames"] = torch.tensor([m.size(-1) for m in mels])
+        transcripts = [m["transcript"] for m in media if "mel" in m and "transcript" in m]
+        if len(transcripts) == len(mels) and all(transcripts):
+            out["ctc_targets"] = torch.tensor([t for ids in transcripts for t in ids])
+            out["ctc_lengths"] = torch.tensor([len(ids) for ids in transcripts])
     return out

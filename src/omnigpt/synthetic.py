@@ -126,8 +126,11 @@ def _questions(shapes: list[Shape], rng: random.Random) -> list[tuple[str, str]]
     return qa
 
 
-def shapes_scene(rng: random.Random, size: int = IMAGE_SIZE) -> Scene:
-    shapes = _place(rng, rng.randint(1, 3), size)
+def shapes_scene(
+    rng: random.Random, size: int = IMAGE_SIZE, counts: tuple[int, int] = (1, 3)
+) -> Scene:
+    """A scene of counts[0] to counts[1] shapes (at most three)."""
+    shapes = _place(rng, rng.randint(*counts), size)
     caption = _join([f"a {s.colour} {s.kind}" for s in shapes])
     return Scene(_draw(shapes, size, rng), shapes, caption, _questions(shapes, rng))
 
@@ -181,15 +184,22 @@ def _write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
-def write_shapes(out_dir: str | Path, n: int, seed: int, questions: bool = True) -> Path:
-    """`n` scenes as PNG files under out_dir/images and out_dir/shapes.jsonl: one caption example per
-    scene, plus one example per question when `questions`. Returns the JSONL path."""
+def write_shapes(
+    out_dir: str | Path,
+    n: int,
+    seed: int,
+    questions: bool = True,
+    counts: tuple[int, int] = (1, 3),
+) -> Path:
+    """`n` scenes of counts[0]–counts[1] shapes as PNG files under out_dir/images and
+    out_dir/shapes.jsonl: one caption example per scene, plus one example per question when
+    `questions`. Returns the JSONL path."""
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     records = []
     for i in range(n):
-        scene = shapes_scene(rng)
+        scene = shapes_scene(rng, counts=counts)
         name = f"images/{seed}-{i:05d}.png"
         scene.image.save(out_dir / name)
         records.append({"image": name, "prompt": CAPTION_PROMPT, "completion": scene.caption})
@@ -198,9 +208,9 @@ def write_shapes(out_dir: str | Path, n: int, seed: int, questions: bool = True)
     return _write_jsonl(out_dir / "shapes.jsonl", records)
 
 
-def write_keypad(out_dir: str | Path, n: int, seed: int) -> Path:
-    """`n` clips as 8 kHz WAV files under out_dir/audio and out_dir/keypad.jsonl (transcription
-    examples). Returns the JSONL path."""
+def write_keypad(out_dir: str | Path, n: int, seed: int, digits: tuple[int, int] = (1, 6)) -> Path:
+    """`n` clips of digits[0]–digits[1] key presses as 8 kHz WAV files under out_dir/audio and
+    out_dir/keypad.jsonl (transcription examples). Returns the JSONL path."""
     import soundfile
 
     out_dir = Path(out_dir)
@@ -208,7 +218,7 @@ def write_keypad(out_dir: str | Path, n: int, seed: int) -> Path:
     rng = random.Random(seed)
     records = []
     for i in range(n):
-        clip = keypad_clip(rng)
+        clip = keypad_clip(rng, digits)
         name = f"audio/{seed}-{i:05d}.wav"
         soundfile.write(out_dir / name, clip.wave, SAMPLE_RATE)
         records.append({"audio": name, "prompt": TRANSCRIBE_PROMPT, "completion": clip.text})

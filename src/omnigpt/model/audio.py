@@ -25,6 +25,7 @@ class AudioEncoder(nn.Module):
         block_cfg = cfg.encoder_config()
         self.conv1 = nn.Conv1d(cfg.n_mels, cfg.n_embd, kernel_size=3, padding=1)
         self.conv2 = nn.Conv1d(cfg.n_embd, cfg.n_embd, kernel_size=3, stride=2, padding=1)
+        self.stem_norm = make_norm(block_cfg)
         self.register_buffer(
             "pos_table", sinusoidal_table(block_cfg.block_size, cfg.n_embd), persistent=False
         )
@@ -37,7 +38,7 @@ class AudioEncoder(nn.Module):
         x = F.gelu(self.conv1(mel))  # (B, C, T)
         if frames is not None:  # zero past each clip's end, as the convolution's own padding is
             x = x * (torch.arange(x.size(-1), device=x.device)[None] < frames[:, None])[:, None]
-        x = F.gelu(self.conv2(x)).transpose(1, 2)  # (B, T', C)
+        x = self.stem_norm(F.gelu(self.conv2(x)).transpose(1, 2))  # (B, T', C)
         T = x.size(1)
         if T > self.pos_table.size(0):
             raise ValueError(

@@ -44,6 +44,8 @@ class Projector(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(in_dim * reduce, out_dim)
         self.fc2 = nn.Linear(out_dim, out_dim)
+        nn.init.normal_(self.fc2.weight, std=0.02)  # outputs on the scale of token embeddings
+        nn.init.zeros_(self.fc2.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x)))
@@ -95,6 +97,11 @@ class MultimodalGPT(nn.Module):
         self.image_proj = Projector(vision.n_embd, width, vision.shuffle**2) if vision else None
         self.audio = AudioEncoder(audio) if audio else None
         self.audio_proj = Projector(audio.n_embd, width, audio.stack) if audio else None
+        # hybrid CTC/attention (Kim et al., 2017): a CTC head on the encoder, in training only,
+        # teaches it where each transcript token sounds, so the decoder learns to find them fast
+        self.audio_ctc = (
+            nn.Linear(audio.n_embd, gpt.config.vocab_size) if audio and audio.ctc else None
+        )
 
     def media_config(self) -> dict:
         """What a checkpoint records to rebuild the encoders (see `from_media_config`)."""
@@ -144,11 +151,38 @@ class MultimodalGPT(nn.Module):
     def audio_tokens(self, mel: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
         """Decoder-width tokens of clips (M, n_mels, T) with lengths `frames` (M,): each clip's own
         AudioConfig.tokens(frames) rows, concatenated."""
+        return self._audio_tokens(self._audio_features(mel, frames), frames)
+
+    def _audio_features(self, mel: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
         if self.audio is None:
             raise OmnigptError("this model has no audio encoder")
+        return self.audio(mel, frames)  # (M, T', C)
+
+    def _audio_tokens(self, features: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
         cfg = self.audio.config
-        tokens = self.audio_proj(stack_frames(self.audio(mel, frames), cfg.stack))  # (M, T'', C)
+        tokens = self.audio_proj(stack_frames(features, cfg.stack))  # (M, T'', C)
         return torch.cat([t[: cfg.tokens(int(n))] for t, n in zip(tokens, frames, strict=True)])
+
+    def ctc_loss(
+        self,
+        features: torch.Tensor,
+        frames: torch.Tensor,
+        targets: torch.Tensor,
+        lengths: torch.Tensor,
+    ) -> torch.Tensor:
+        """CTC loss of encoder features (M, T', C) against each clip's transcript token ids
+        (`targets`, concatenated; `lengths` (M,)). The blank is the audio placeholder id, which
+        never occurs in text."""
+        log_probs = self.audio_ctc(features).float().log_softmax(-1)  # (M, T', V)
+        positions = (frames + 1) // 2  # AudioConfig.positions
+        return F.ctc_loss(
+            log_probs.transpose(0, 1),
+            targets,
+            positions,
+            lengths,
+            blank=self.audio_id,
+            zero_infinity=True,
+        )
 
     def embed(
         self,
@@ -161,14 +195,20 @@ class MultimodalGPT(nn.Module):
 
         Without media, placeholders keep their plain token embedding (a decode step never brings
         new media); with media, their count must match the placeholders exactly."""
+        return self._embed(tokens, images, mel, frames)[0]
+
+    def _embed(self, tokens, images, mel, frames) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The embeddings, and the audio encoder's features (for the CTC loss) when there are clips."""
         x = self.gpt.wte(tokens)
+        features = None
         if images is not None:
             x = splice(x, tokens, self.image_id, self.image_tokens(images))
         if mel is not None:
-            if frames is None:
-                frames = torch.full((mel.size(0),), mel.size(-1), device=mel.device)
-            x = splice(x, tokens, self.audio_id, self.audio_tokens(mel, frames))
-        return x
+            features = self._audio_features(mel, _lengths(mel, frames))
+            x = splice(
+                x, tokens, self.audio_id, self._audio_tokens(features, _lengths(mel, frames))
+            )
+        return x, features
 
     def forward(
         self,
@@ -178,10 +218,58 @@ class MultimodalGPT(nn.Module):
         images: torch.Tensor | None = None,
         mel: torch.Tensor | None = None,
         frames: torch.Tensor | None = None,
+        ctc_targets: torch.Tensor | None = None,
+        ctc_lengths: torch.Tensor | None = None,
         **decoder_kwargs,
     ):
         """As GPT.forward, with the media of the batch; `decoder_kwargs` are GPT.forward's
-        (positions, attn_mask, caches, start_pos, last_only)."""
-        return self.gpt(
-            embeddings=self.embed(tokens, images, mel, frames), targets=targets, **decoder_kwargs
+        (positions, attn_mask, caches, start_pos, last_only). In training, given the clips'
+        transcripts (`ctc_targets`, `ctc_lengths`) and AudioConfig.ctc > 0, the loss adds that
+        weight times the encoder's CTC loss."""
+        x, features = self._embed(tokens, images, mel, frames)
+        logits, loss = self.gpt(embeddings=x, targets=targets, **decoder_kwargs)
+        if (
+            self.audio_ctc is not None
+            and self.training
+            and loss is not None
+            and features is not None
+            and ctc_targets is not None
+        ):
+            ctc = self.ctc_loss(features, _lengths(mel, frames), ctc_targets, ctc_lengths)
+            loss = loss + self.audio.config.ctc * ctc
+        return logits, loss
+
+
+def _lengths(mel: torch.Tensor, frames: torch.Tensor | None) -> torch.Tensor:
+    """Each clip's frame count: `frames`, or all of `mel`'s when not given."""
+    if frames is not None:
+        return frames
+    return torch.full((mel.size(0),), mel.size(-1), device=mel.device)
+
+
+def attach_encoders(
+    model: GPT | MultimodalGPT,
+    vision: VisionConfig | None,
+    audio: AudioConfig | None,
+    image_id: int,
+    audio_id: int,
+) -> MultimodalGPT:
+    """`model` with new, randomly initialised encoders and projectors for the modalities given: a
+    text GPT becomes a MultimodalGPT; a MultimodalGPT gains the modalities it lacks (adding one it
+    already has is refused, as that would throw its trained encoder away)."""
+    if isinstance(model, MultimodalGPT):
+        if (vision and model.vision) or (audio and model.audio):
+            raise OmnigptError("the model already has an encoder for that modality")
+        old = model
+        model = MultimodalGPT(
+            old.gpt,
+            vision or (old.vision.config if old.vision else None),
+            audio or (old.audio.config if old.audio else None),
+            old.image_id,
+            old.audio_id,
         )
+        for part in ("vision", "image_proj", "audio", "audio_proj"):
+            if getattr(old, part) is not None:
+                setattr(model, part, getattr(old, part))
+        return model.to(old.gpt.wte.weight.device)
+    return MultimodalGPT(model, vision, audio, image_id, audio_id).to(model.wte.weight.device)
