@@ -41,7 +41,7 @@ demo: install
 		--no-questions --max-shapes 1 --max-digits 2
 	$(VENV)/bin/omnigpt train --data runs/demo-media/data/all.jsonl --out runs/demo-media/run --preset nano \
 		--vision tiny --audio $(DEMO_AUDIO) --precision $(PRECISION) --batch-size 32 --lr 2e-3 \
-		--max-seconds $(DEMO_MEDIA_SECONDS) --max-steps 1000000 --eval-interval 500
+		--max-seconds $(DEMO_MEDIA_SECONDS) --eval-interval 500
 	$(VENV)/bin/omnigpt make-data shapes keypad --out runs/demo-media/new -n 1 --seed 2026 --max-shapes 1 --max-digits 2
 	@echo "image runs/demo-media/new/images/2026-00000.png, truly: $$(head -1 runs/demo-media/new/shapes.jsonl | cut -d'"' -f12)"
 	@echo -n "the model's caption: "; $(VENV)/bin/omnigpt caption --model runs/demo-media/run runs/demo-media/new/images/2026-00000.png

@@ -28,20 +28,19 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import resource
-import time
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import soundfile
 import torch
+from common import timed, train_in_stages
 
 from omnigpt.chat import read_records
 from omnigpt.checkpoint import save_checkpoint
-from omnigpt.config import ModelConfig, TrainConfig
+from omnigpt.config import ModelConfig
 from omnigpt.evaluate import evaluate
-from omnigpt.finetune import FinetuneConfig, finetune, new_model
+from omnigpt.finetune import new_model
 from omnigpt.generate import GenerationOptions
 from omnigpt.hf import load_model
 from omnigpt.media import resample
@@ -49,11 +48,6 @@ from omnigpt.synthetic import TRANSCRIBE_PROMPT
 
 RATE = 8000
 SPEAKERS = ("george", "jackson", "lucas", "nicolas")
-
-
-def cpu_seconds() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
 
 
 def read_clips(folder: Path) -> dict[str, list[tuple[int, int, np.ndarray]]]:
@@ -165,9 +159,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     times = {}
 
-    t0, c0 = time.time(), cpu_seconds()
-    sets = build_data(args.data, args.out, args.test_speaker, args.train_utterances, args.seed)
-    times["data"] = {"wall_s": round(time.time() - t0, 1), "cpu_s": round(cpu_seconds() - c0, 1)}
+    sets, times["data"] = timed(
+        build_data, args.data, args.out, args.test_speaker, args.train_utterances, args.seed
+    )
     print(f"data: {times['data']}")
 
     layers, heads, width = (int(v) for v in args.decoder.split(","))
@@ -183,45 +177,27 @@ def main() -> None:
     # Stages from short to long: single digits (the model learns what each digit sounds like),
     # then one or two, then whole utterances (it learns to find each digit in turn). Straight on
     # whole utterances, the loss sits at its no-information level for thousands of steps.
-    budget = args.minutes * 60
-    base, results = args.out / "init", []
-    t0, c0 = time.time(), cpu_seconds()
-    stages = (("1", args.stage1_minutes * 60), ("2", args.stage2_minutes * 60), ("", None))
-    for stage, seconds in stages:
-        left = budget - (time.time() - t0)
-        train_cfg = TrainConfig(
-            batch_size=args.batch_size,
-            max_steps=args.max_steps,
-            max_seconds=min(seconds or left, left),
-            lr=args.lr,
-            warmup_steps=100,
-            weight_decay=0.05,
-            eval_interval=250,
-            eval_batches=0,
-            precision="bf16",
-            seed=args.seed,
-        )
-        run = args.out / f"run-{stage or 'all'}"
-        suffix = f"-{stage}" if stage else ""
-        result = finetune(
-            base,
-            sets["train" + suffix],
-            run,
-            FinetuneConfig(),
-            train_cfg,
-            val_data=sets["val" + suffix],
-            progress=False,
-        )
-        print(f"stage {stage or 'all'}: {result}", flush=True)
-        results.append(result)
-        base = run / "best"
-    times["train"] = {"wall_s": round(time.time() - t0, 1), "cpu_s": round(cpu_seconds() - c0, 1)}
+    stages = [
+        ("1", sets["train-1"], sets["val-1"], args.stage1_minutes * 60),
+        ("2", sets["train-2"], sets["val-2"], args.stage2_minutes * 60),
+        ("all", sets["train"], sets["val"], None),
+    ]
+    results, times["train"] = train_in_stages(
+        args.out / "init",
+        stages,
+        args.out,
+        args.minutes,
+        args.batch_size,
+        args.lr,
+        args.seed,
+        args.max_steps,
+    )
     print(f"training: {times['train']}")
 
-    model, tokenizer = load_model(run / "best")
+    model, tokenizer = load_model(args.out / "run-all" / "best")
     model.eval()
-    t0 = time.time()
-    summary = evaluate(
+    summary, times["eval"] = timed(
+        evaluate,
         model,
         tokenizer,
         read_records(sets["test"]),
@@ -231,7 +207,6 @@ def main() -> None:
         progress=False,
         base_dir=args.out,
     )
-    times["eval"] = {"wall_s": round(time.time() - t0, 1)}
     report = {
         "test_speaker": args.test_speaker,
         "test_utterances": summary["examples"],

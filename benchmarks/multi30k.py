@@ -21,9 +21,9 @@ import argparse
 import gzip
 import json
 import random
-import resource
-import time
 from pathlib import Path
+
+from common import timed
 
 from omnigpt.chat import read_records
 from omnigpt.config import ModelConfig, TrainConfig
@@ -34,17 +34,6 @@ from omnigpt.generate import GenerationOptions
 from omnigpt.hf import load_model
 from omnigpt.lora import LoRAConfig
 from omnigpt.train import pretrain
-
-
-def cpu_seconds() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
-def timed(fn, *args, **kwargs):
-    wall, cpu = time.time(), cpu_seconds()
-    result = fn(*args, **kwargs)
-    return result, {"wall_s": round(time.time() - wall, 1), "cpu_s": round(cpu_seconds() - cpu, 1)}
 
 
 def read_pairs(folder: Path, split: str) -> list[tuple[str, str]]:

@@ -20,26 +20,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
+from common import timed, train_in_stages
 
 from omnigpt.chat import read_records
 from omnigpt.checkpoint import save_checkpoint
-from omnigpt.config import ModelConfig, TrainConfig
+from omnigpt.config import ModelConfig
 from omnigpt.evaluate import generate_answers
-from omnigpt.finetune import FinetuneConfig, finetune, new_model
+from omnigpt.finetune import new_model
 from omnigpt.generate import GenerationOptions
 from omnigpt.hf import load_model
 from omnigpt.synthetic import CAPTION_PROMPT, write_shapes
-
-
-def cpu_seconds() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
 
 
 def question_kind(prompt: str) -> str:
@@ -75,13 +69,16 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     times = {}
 
-    t0, c0 = time.time(), cpu_seconds()
-    train = write_shapes(args.out / "train", args.train_scenes, seed=1)
-    val = write_shapes(args.out / "val", 200, seed=2)
-    train_1 = write_shapes(args.out / "train-1", args.train_scenes // 4, seed=11, counts=(1, 1))
-    val_1 = write_shapes(args.out / "val-1", 200, seed=12, counts=(1, 1))
-    test = write_shapes(args.out / "test", args.test_scenes, seed=3)
-    times["data"] = {"wall_s": round(time.time() - t0, 1), "cpu_s": round(cpu_seconds() - c0, 1)}
+    def write_all():
+        return [
+            write_shapes(args.out / "train", args.train_scenes, seed=1),
+            write_shapes(args.out / "val", 200, seed=2),
+            write_shapes(args.out / "train-1", args.train_scenes // 4, seed=11, counts=(1, 1)),
+            write_shapes(args.out / "val-1", 200, seed=12, counts=(1, 1)),
+            write_shapes(args.out / "test", args.test_scenes, seed=3),
+        ]
+
+    (train, val, train_1, val_1, test), times["data"] = timed(write_all)
     print(f"data: {times['data']}", flush=True)
 
     layers, heads, width = (int(v) for v in args.decoder.split(","))
@@ -95,41 +92,25 @@ def main() -> None:
     save_checkpoint(args.out / "init", model, tokenizer)
 
     # Two stages, as for speech: scenes of one shape first, then scenes of one to three.
-    budget = args.minutes * 60
-    base, results = args.out / "init", []
-    t0, c0 = time.time(), cpu_seconds()
-    for name, data, val_data, seconds in (
-        ("1", train_1, val_1, args.stage1_minutes * 60),
-        ("all", train, val, None),
-    ):
-        left = budget - (time.time() - t0)
-        train_cfg = TrainConfig(
-            batch_size=args.batch_size,
-            max_steps=args.max_steps,
-            max_seconds=min(seconds or left, left),
-            lr=args.lr,
-            warmup_steps=100,
-            weight_decay=0.05,
-            eval_interval=250,
-            eval_batches=0,
-            precision="bf16",
-            seed=args.seed,
-        )
-        run = args.out / f"run-{name}"
-        result = finetune(
-            base, data, run, FinetuneConfig(pack=True), train_cfg, val_data=val_data, progress=False
-        )
-        print(f"stage {name}: {result}", flush=True)
-        results.append(result)
-        base = run / "best"
-    times["train"] = {"wall_s": round(time.time() - t0, 1), "cpu_s": round(cpu_seconds() - c0, 1)}
+    stages = [("1", train_1, val_1, args.stage1_minutes * 60), ("all", train, val, None)]
+    results, times["train"] = train_in_stages(
+        args.out / "init",
+        stages,
+        args.out,
+        args.minutes,
+        args.batch_size,
+        args.lr,
+        args.seed,
+        args.max_steps,
+        pack=True,
+    )
     print(f"training: {times['train']}", flush=True)
 
-    model, tokenizer = load_model(run / "best")
+    model, tokenizer = load_model(args.out / "run-all" / "best")
     model.eval()
     records = read_records(test)
-    t0 = time.time()
-    answers = generate_answers(
+    answers, times["eval"] = timed(
+        generate_answers,
         model,
         tokenizer,
         records,
@@ -138,7 +119,6 @@ def main() -> None:
         progress=False,
         base_dir=test.parent,
     )
-    times["eval"] = {"wall_s": round(time.time() - t0, 1)}
     right, total = defaultdict(int), defaultdict(int)
     for record, answer in zip(records, answers, strict=True):
         kind = question_kind(record["prompt"])

@@ -478,6 +478,9 @@ def test_attached_encoders_leave_text_alone_and_keep_the_other_modality():
     assert both.audio.config == AUDIO
     with pytest.raises(OmnigptError, match="already has an encoder"):
         attach_encoders(both, VISION, None, image_id=2, audio_id=3)
+    hearing = attach_encoders(gpt, None, dataclasses.replace(AUDIO, ctc=0.5), 2, 3)
+    grown = attach_encoders(hearing, VISION, None, image_id=2, audio_id=3)
+    assert grown.audio_ctc is hearing.audio_ctc and grown.audio is hearing.audio  # CTC head kept
 
 
 def test_staged_training_aligns_new_encoders_then_tunes_with_lora(tmp_path):

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from omnigpt.config import PRESETS, ModelConfig, TrainConfig
+from omnigpt.config import PRESETS, UNLIMITED_STEPS, ModelConfig, TrainConfig
 from omnigpt.errors import OmnigptError
 from omnigpt.synthetic import CAPTION_PROMPT, TRANSCRIBE_PROMPT
 
@@ -130,7 +130,7 @@ def _optimisation_args(p: argparse.ArgumentParser, d: TrainConfig) -> None:
     g.add_argument(
         "--max-steps",
         type=int,
-        help=f"stop after this many optimizer steps (default {d.max_steps})",
+        help=f"stop after this many optimizer steps (default {d.max_steps}; none with --max-seconds)",
     )
     g.add_argument(
         "--max-seconds",
@@ -657,7 +657,8 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         batch_size=args.batch_size,
         grad_accum=args.grad_accum,
-        max_steps=args.max_steps or TrainConfig.max_steps,
+        max_steps=args.max_steps
+        or (UNLIMITED_STEPS if args.max_seconds else TrainConfig.max_steps),
         max_seconds=args.max_seconds,
         optimizer=args.optimizer,
         lr=args.lr,

@@ -225,6 +225,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+UNLIMITED_STEPS = 10**9  # a step budget that never binds: the time budget decides
+
+
 @dataclass
 class TrainConfig:
     """How a run trains. Budgets: stop at `max_steps`, or after `max_seconds`, whichever is first."""

@@ -58,8 +58,6 @@ def load_audio(path: str | Path, sample_rate: int) -> torch.Tensor:
         raise OmnigptError(f"{path}: audio file not found")
     try:
         data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)  # (N, channels)
-    except FileNotFoundError:
-        raise OmnigptError(f"{path}: audio file not found") from None
     except (soundfile.LibsndfileError, RuntimeError, OSError) as e:
         raise OmnigptError(f"{path}: cannot read audio ({e})") from None
     if data.shape[0] == 0:

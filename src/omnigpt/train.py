@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from omnigpt.checkpoint import load_checkpoint, load_trainer_state, save_checkpoint
-from omnigpt.config import ModelConfig, TrainConfig, load_json, save_json
+from omnigpt.config import UNLIMITED_STEPS, ModelConfig, TrainConfig, load_json, save_json
 from omnigpt.data import RandomWindows, load_tokens, sequential_windows
 from omnigpt.errors import OmnigptError
 from omnigpt.model import GPT, IGNORE_INDEX
@@ -303,7 +303,7 @@ def fit(
     val_loss: float | None = None
     stopped_by = "max_steps"
     bar = tqdm(
-        total=cfg.max_steps,
+        total=None if cfg.max_steps >= UNLIMITED_STEPS else cfg.max_steps,
         initial=step,
         unit="step",
         disable=not (progress and dist_info.is_main),

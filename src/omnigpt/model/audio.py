@@ -1,5 +1,6 @@
-"""The audio encoder, as Whisper's: log-mel frames → two convolutions → sinusoidal positions →
-bidirectional Transformer blocks (the decoder's `Block` with causal=False) → LayerNorm.
+"""The audio encoder, as Whisper's: log-mel frames → two convolutions (then a norm, which puts their
+output on the scale of the positions) → sinusoidal positions → bidirectional Transformer blocks (the
+decoder's `Block` with causal=False) → LayerNorm.
 
     encoder = AudioEncoder(AudioConfig())
     features = encoder(mel, frames)   # (B, n_mels, T) and true lengths (B,) → (B, ceil(T/2), n_embd)
@@ -47,7 +48,7 @@ class AudioEncoder(nn.Module):
         x = x + self.pos_table[:T]
         mask = None
         if frames is not None:
-            positions = (frames + 1) // 2  # AudioConfig.positions, per clip
+            positions = self.config.positions(frames)  # per clip
             valid = torch.arange(T, device=x.device)[None] < positions[:, None]
             mask = valid[:, None, None, :]  # (B, 1, 1, T'): every position sees the valid ones
         for block in self.blocks:

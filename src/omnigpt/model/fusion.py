@@ -174,11 +174,10 @@ class MultimodalGPT(nn.Module):
         (`targets`, concatenated; `lengths` (M,)). The blank is the audio placeholder id, which
         never occurs in text."""
         log_probs = self.audio_ctc(features).float().log_softmax(-1)  # (M, T', V)
-        positions = (frames + 1) // 2  # AudioConfig.positions
         return F.ctc_loss(
             log_probs.transpose(0, 1),
             targets,
-            positions,
+            self.audio.config.positions(frames),
             lengths,
             blank=self.audio_id,
             zero_infinity=True,
@@ -204,10 +203,9 @@ class MultimodalGPT(nn.Module):
         if images is not None:
             x = splice(x, tokens, self.image_id, self.image_tokens(images))
         if mel is not None:
-            features = self._audio_features(mel, _lengths(mel, frames))
-            x = splice(
-                x, tokens, self.audio_id, self._audio_tokens(features, _lengths(mel, frames))
-            )
+            frames = _lengths(mel, frames)
+            features = self._audio_features(mel, frames)
+            x = splice(x, tokens, self.audio_id, self._audio_tokens(features, frames))
         return x, features
 
     def forward(
@@ -257,19 +255,12 @@ def attach_encoders(
     """`model` with new, randomly initialised encoders and projectors for the modalities given: a
     text GPT becomes a MultimodalGPT; a MultimodalGPT gains the modalities it lacks (adding one it
     already has is refused, as that would throw its trained encoder away)."""
-    if isinstance(model, MultimodalGPT):
-        if (vision and model.vision) or (audio and model.audio):
-            raise OmnigptError("the model already has an encoder for that modality")
-        old = model
-        model = MultimodalGPT(
-            old.gpt,
-            vision or (old.vision.config if old.vision else None),
-            audio or (old.audio.config if old.audio else None),
-            old.image_id,
-            old.audio_id,
-        )
-        for part in ("vision", "image_proj", "audio", "audio_proj"):
-            if getattr(old, part) is not None:
-                setattr(model, part, getattr(old, part))
-        return model.to(old.gpt.wte.weight.device)
-    return MultimodalGPT(model, vision, audio, image_id, audio_id).to(model.wte.weight.device)
+    if not isinstance(model, MultimodalGPT):
+        return MultimodalGPT(model, vision, audio, image_id, audio_id).to(model.wte.weight.device)
+    if (vision and model.vision) or (audio and model.audio):
+        raise OmnigptError("the model already has an encoder for that modality")
+    grown = MultimodalGPT(model.gpt, vision, audio, model.image_id, model.audio_id)
+    for part in ("vision", "image_proj", "audio", "audio_proj", "audio_ctc"):  # the trained parts
+        if getattr(model, part) is not None:
+            setattr(grown, part, getattr(model, part))
+    return grown.to(model.gpt.wte.weight.device)
