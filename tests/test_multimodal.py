@@ -8,7 +8,7 @@ import torch
 from omnigpt.config import AudioConfig, VisionConfig
 from omnigpt.errors import OmnigptError
 from omnigpt.media import load_audio, load_image, log_mel, resample
-from omnigpt.model.audio import AudioEncoder
+from omnigpt.model.audio import AudioEncoder, spec_augment
 from omnigpt.model.fusion import Projector, pixel_shuffle, splice, stack_frames
 from omnigpt.model.vision import VisionEncoder
 
@@ -116,6 +116,32 @@ def test_audio_encoder_lengths_and_padding_do_not_change_features():
     torch.testing.assert_close(padded[1], encoder(long[None])[0], atol=1e-5, rtol=1e-4)
     tokens = Projector(16, 32, reduce=AUDIO.stack)(stack_frames(alone, AUDIO.stack))
     assert tokens.shape == (1, AUDIO.tokens(37), 32) == (1, 10, 32)
+
+
+def test_spec_augment_masks_bands_and_spans_within_each_clip_in_training_only():
+    torch.manual_seed(0)
+    mel = torch.randn(64, 20, 50) + 3.0
+    frames = torch.randint(10, 51, (64,))
+    out = spec_augment(mel, frames, max_mels=4, max_frames=6)
+    changed = out != mel
+    for i, n in enumerate(frames.tolist()):
+        assert not changed[i, :, n:].any()  # padding untouched
+        mean = mel[i, :, :n].mean()
+        torch.testing.assert_close(out[i][changed[i]], mean.expand(int(changed[i].sum())))
+        # every masked value lies in a fully masked band (≤ 2×4 mels) or span (≤ 2×6 frames)
+        bands = changed[i, :, :n].all(1)
+        spans = changed[i, :, :n].all(0)
+        assert bands.sum() <= 8 and spans.sum() <= 12
+        assert (changed[i, :, :n] == (bands[:, None] | spans[None])).all()
+    assert changed.any(2).any(1).float().mean() > 0.9  # most clips get some mask
+
+    cfg = dataclasses.replace(AUDIO, mask_mels=4, mask_frames=6)
+    encoder = AudioEncoder(cfg)
+    clip = torch.randn(1, 20, 40)
+    encoder.eval()
+    torch.testing.assert_close(encoder(clip), encoder(clip))  # eval: no masks
+    encoder.train()
+    assert not torch.allclose(encoder(clip), encoder(clip))
 
 
 # -- splicing -------------------------------------------------------------------------------------

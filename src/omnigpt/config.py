@@ -194,6 +194,10 @@ class AudioConfig(EncoderConfig):
     max_seconds: float = 10.0  # longest clip the position table covers
     stack: int = 2
     ctc: float = 0.0  # weight of an auxiliary CTC loss on the encoder, for transcripts (0: none)
+    # SpecAugment, in training only: per clip, two bands of up to `mask_mels` mel channels and two
+    # spans of up to `mask_frames` frames are set to the clip's mean (0: no masking)
+    mask_mels: int = 0
+    mask_frames: int = 0
 
     @property
     def max_frames(self) -> int:

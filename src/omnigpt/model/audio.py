@@ -6,7 +6,8 @@ decoder's `Block` with causal=False) → LayerNorm.
     features = encoder(mel, frames)   # (B, n_mels, T) and true lengths (B,) → (B, ceil(T/2), n_embd)
 
 The second convolution has stride 2, so one encoder position covers two mel frames (20 ms at the
-default 10 ms hop). Padded frames of shorter clips in a batch are hidden from attention.
+default 10 ms hop). Padded frames of shorter clips in a batch are hidden from attention. In training,
+`mask_mels` / `mask_frames` turn on SpecAugment's frequency and time masks.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ class AudioEncoder(nn.Module):
     def forward(self, mel: torch.Tensor, frames: torch.Tensor | None = None) -> torch.Tensor:
         """Features (B, ceil(T/2), n_embd) of log-mel frames (B, n_mels, T); `frames` (B,) gives each
         clip's true length when the batch is padded."""
+        if self.training and (self.config.mask_mels or self.config.mask_frames):
+            mel = spec_augment(mel, frames, self.config.mask_mels, self.config.mask_frames)
         x = F.gelu(self.conv1(mel))  # (B, C, T)
         if frames is not None:  # zero past each clip's end, as the convolution's own padding is
             x = x * (torch.arange(x.size(-1), device=x.device)[None] < frames[:, None])[:, None]
@@ -54,3 +57,31 @@ class AudioEncoder(nn.Module):
         for block in self.blocks:
             x = block(x, mask=mask)
         return self.norm(x)
+
+
+def spec_augment(
+    mel: torch.Tensor, frames: torch.Tensor | None, max_mels: int, max_frames: int, n_masks: int = 2
+) -> torch.Tensor:
+    """SpecAugment's masks (Park et al., 2019) on log-mel clips (B, n_mels, T): in each clip,
+    `n_masks` bands of 0..max_mels channels and `n_masks` spans of 0..max_frames frames (within the
+    clip's true length) are set to the clip's mean. Each mask's width and start are uniform."""
+    B, n_mels, T = mel.shape
+    lengths = torch.full((B,), T, device=mel.device) if frames is None else frames.to(mel.device)
+    valid = torch.arange(T, device=mel.device)[None] < lengths[:, None]  # (B, T)
+    mean = (mel * valid[:, None]).sum((1, 2)) / (lengths * n_mels)  # (B,)
+    masked = torch.zeros_like(mel, dtype=torch.bool)
+
+    def spans(size: torch.Tensor, extent: int, width: int) -> torch.Tensor:  # (B, extent) bool
+        w = (torch.rand(B, n_masks, device=mel.device) * (width + 1)).floor()
+        start = (
+            torch.rand(B, n_masks, device=mel.device) * (size[:, None] - w + 1).clamp(min=1)
+        ).floor()
+        idx = torch.arange(extent, device=mel.device)[None, None]
+        return ((idx >= start[..., None]) & (idx < (start + w)[..., None])).any(1)
+
+    if max_mels:
+        masked |= spans(torch.full((B,), n_mels, device=mel.device), n_mels, max_mels)[:, :, None]
+    if max_frames:
+        masked |= spans(lengths, T, max_frames)[:, None, :]
+    masked &= valid[:, None]  # padding stays as it was
+    return torch.where(masked, mean[:, None, None].to(mel.dtype), mel)
