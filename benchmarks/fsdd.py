@@ -8,17 +8,20 @@ Steps, all through omnigpt's library functions:
    (written as 8 kHz WAV files plus JSONL transcripts such as "4 1 7"):
    - training: the three other speakers' recordings 5–49, as utterances of 1–5 digits (and,
      for the first stages, of one digit, and of one or two), each recording with its own speed change
-     (resampling by 0.84–1.16, which moves pitch and formants as a different voice would), loudness
-     and background noise;
+     (resampling by 0.84–1.16, which moves pitch and formants as a different voice would),
+     microphone colouring (`perturb`), loudness and background noise;
    - validation (for checkpoint choice): the same speakers' recordings 0–4, not speed-changed;
    - test: every one of the held-out speaker's 500 recordings, exactly once, unchanged, in
      utterances of 2–5 digits;
 2. a small model built from nothing (`finetune.new_model`): Whisper-style audio encoder, a small
    decoder, a character tokenizer; trained with `finetune()` in three stages within `--minutes`
    of wall-clock time: single digits (`--stage1-minutes`), one or two digits (`--stage2-minutes`),
-   then whole utterances; with
-   an auxiliary CTC loss on the encoder (weight 0.5, training only);
-3. greedy transcription of the test utterances from the best checkpoint; WER with jiwer.
+   then whole utterances; with an auxiliary CTC loss on the encoder (weight 0.5) and SpecAugment
+   masks (two bands of up to 8 mel channels and two spans of up to 8 frames per clip), both in
+   training only;
+3. greedy transcription of the test utterances from the best checkpoint, by the decoder alone and
+   by joint CTC/attention decoding (`--ctc-weight`, chosen on the validation set); WER with jiwer.
+   `--score-only` scores the run already in `--out` again.
 
 The last line printed is one JSON object with the settings, times and scores.
 """
@@ -74,12 +77,21 @@ def join(parts: list[np.ndarray], rng: random.Random, noisy: bool) -> np.ndarray
 
 
 def perturb(wave: np.ndarray, rng: random.Random) -> np.ndarray:
-    """Speed change by resampling: played back at 8 kHz, 0.84–1.16 times as fast; random loudness."""
+    """Another voice and another microphone, at random:
+    - speed change by resampling: played back at 8 kHz, 0.84–1.16 times as fast, which moves pitch
+      and formants;
+    - colouring: a spectral tilt of -6 to +3 dB per octave about 1 kHz and, in half the clips, a
+      roll-off of up to 40 dB above a cut-off of 1.5–4 kHz (a duller or brighter microphone);
+    - loudness."""
     new_rate = rng.choice(range(6900, 9500, 100))  # 8000 / new_rate: 0.84–1.16; steps of 100 Hz
-    out = resample(
-        torch.from_numpy(wave), RATE, new_rate
-    ).numpy()  # keep the resampling kernels small
-    return out * rng.uniform(0.3, 1.0)
+    wave = resample(torch.from_numpy(wave), RATE, new_rate).numpy()
+    spectrum = np.fft.rfft(wave)
+    freqs = np.linspace(0, RATE / 2, spectrum.size)
+    gain_db = rng.uniform(-6, 3) * np.log2(np.maximum(freqs, 100) / 1000)
+    if rng.random() < 0.5:
+        gain_db -= 40 * np.clip((freqs - rng.uniform(1500, 4000)) / 1000, 0, 1)
+    wave = np.fft.irfft(spectrum * 10 ** (gain_db / 20), n=wave.size)
+    return (wave * rng.uniform(0.3, 1.0)).astype(np.float32)
 
 
 def write_set(out: Path, name: str, utterances: list[tuple[np.ndarray, str]]) -> Path:
@@ -148,22 +160,66 @@ def main() -> None:
     ap.add_argument("--max-steps", type=int, default=100_000)
     ap.add_argument(
         "--audio",
-        default="small,sample_rate=8000,n_fft=200,hop_length=80,n_mels=64,max_seconds=8,ctc=0.5",
+        default="small,sample_rate=8000,n_fft=200,hop_length=80,n_mels=64,max_seconds=8,ctc=0.5,"
+        "mask_mels=8,mask_frames=8",
         help="audio encoder spec (see AudioConfig.from_spec)",
     )
     ap.add_argument("--decoder", default="2,4,128", help="decoder layers,heads,width")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--ctc-weight", type=float, default=0.5, help="the CTC head's share in joint decoding"
+    )
+    ap.add_argument(
+        "--score-only", action="store_true", help="score the trained run in --out, no training"
+    )
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     times = {}
 
-    sets, times["data"] = timed(
-        build_data, args.data, args.out, args.test_speaker, args.train_utterances, args.seed
-    )
-    print(f"data: {times['data']}")
+    if args.score_only:
+        sets = {name: args.out / f"{name}.jsonl" for name in ("val", "test")}
+        results = []
+    else:
+        sets, times["data"] = timed(
+            build_data, args.data, args.out, args.test_speaker, args.train_utterances, args.seed
+        )
+        print(f"data: {times['data']}")
+        results, times["train"] = train(args, sets)
+        print(f"training: {times['train']}")
 
+    model, tokenizer = load_model(args.out / "run-all" / "best")
+    model.eval()
+    scores = {}
+    for name, weight in (("decoder", 0.0), ("joint", args.ctc_weight)):
+        for split in ("val", "test"):
+            summary, times[f"{split}-{name}"] = timed(
+                evaluate,
+                model,
+                tokenizer,
+                read_records(sets[split]),
+                ["wer", "exact_match"],
+                GenerationOptions(temperature=0, max_new_tokens=16, ctc_weight=weight),
+                args.out / f"eval-{split}-{name}",
+                progress=False,
+                base_dir=args.out,
+            )
+            scores[f"{split}_{name}"] = summary["metrics"]
+    report = {
+        "test_speaker": args.test_speaker,
+        "test_utterances": summary["examples"],
+        "wer": scores["test_joint"]["wer"],
+        "scores": scores,
+        "steps": [r.steps for r in results],
+        "times": times,
+        "settings": {k: str(v) for k, v in vars(args).items()},
+    }
+    print(json.dumps(report))
+
+
+def train(args: argparse.Namespace, sets: dict[str, Path]) -> tuple[list, dict]:
+    """A model built from nothing, trained in three stages; each stage's result, and the time."""
     layers, heads, width = (int(v) for v in args.decoder.split(","))
     torch.manual_seed(args.seed)
     model, tokenizer = new_model(
@@ -182,7 +238,7 @@ def main() -> None:
         ("2", sets["train-2"], sets["val-2"], args.stage2_minutes * 60),
         ("all", sets["train"], sets["val"], None),
     ]
-    results, times["train"] = train_in_stages(
+    return train_in_stages(
         args.out / "init",
         stages,
         args.out,
@@ -192,31 +248,6 @@ def main() -> None:
         args.seed,
         args.max_steps,
     )
-    print(f"training: {times['train']}")
-
-    model, tokenizer = load_model(args.out / "run-all" / "best")
-    model.eval()
-    summary, times["eval"] = timed(
-        evaluate,
-        model,
-        tokenizer,
-        read_records(sets["test"]),
-        ["wer", "exact_match"],
-        GenerationOptions(temperature=0, max_new_tokens=16),
-        args.out / "eval-test",
-        progress=False,
-        base_dir=args.out,
-    )
-    report = {
-        "test_speaker": args.test_speaker,
-        "test_utterances": summary["examples"],
-        "wer": summary["metrics"]["wer"],
-        "utterance_exact_match": summary["metrics"]["exact_match"],
-        "steps": [r.steps for r in results],
-        "times": times,
-        "settings": {k: str(v) for k, v in vars(args).items()},
-    }
-    print(json.dumps(report))
 
 
 if __name__ == "__main__":

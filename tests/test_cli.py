@@ -496,6 +496,11 @@ def test_multimodal_commands_end_to_end(tmp_path, capsys, monkeypatch):
     _fails_cleanly(
         ["transcribe", "--model", "run", "nope.wav"], capsys, "nope.wav: audio file not found"
     )
+    _fails_cleanly(
+        ["transcribe", "--model", "run", clip, "--ctc-weight", "0.5"],
+        capsys,
+        "--ctc-weight needs a model trained with a CTC head",
+    )
 
     # a chat turn can bring an image or a clip; a bad path is reported and the chat goes on
     session = subprocess.run(

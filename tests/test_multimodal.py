@@ -579,13 +579,13 @@ def _learn(tmp_path, stages, vision=None, audio=None, block_size=64):
     return load_model(base)
 
 
-def _answers(model, tok, data):
+def _answers(model, tok, data, ctc_weight=0.0):
     from omnigpt.chat import read_records
     from omnigpt.evaluate import generate_answers
     from omnigpt.generate import GenerationOptions
 
     records = read_records(data)
-    opts = GenerationOptions(temperature=0, max_new_tokens=24)
+    opts = GenerationOptions(temperature=0, max_new_tokens=24, ctc_weight=ctc_weight)
     answers = generate_answers(model, tok, records, opts, progress=False, base_dir=data.parent)
     return answers, [r["completion"] for r in records]
 
@@ -618,6 +618,10 @@ def test_a_tiny_model_learns_to_transcribe_keypad_tones(tmp_path):
     answers, truth = _answers(model, tok, test)
     wer = corpus_metric("wer", answers, truth)
     assert wer <= KEYPAD_WER, list(zip(answers, truth, strict=True))[:10]
+    # joint CTC/attention decoding: the CTC head keeps the answer to what the clip holds
+    answers, _ = _answers(model, tok, test, ctc_weight=0.5)
+    joint = corpus_metric("wer", answers, truth)
+    assert joint <= KEYPAD_WER, list(zip(answers, truth, strict=True))[:10]
 
 
 # stated accuracies, and the steps that reach them (tiny models, batches of 32; 25–35 s each)

@@ -351,7 +351,19 @@ def _media_args(p: argparse.ArgumentParser, kind: str, prompt: str | None) -> No
         p.add_argument(
             "--prompt", default=prompt, help=f"the instruction given with each file ({prompt!r})"
         )
+    if kind == "audio":
+        _ctc_arg(p)
     _sampling_args(p, temperature=0.0)
+
+
+def _ctc_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--ctc-weight",
+        type=float,
+        default=0.0,
+        help="joint CTC/attention decoding for a model trained with ctc=WEIGHT in --audio: the CTC "
+        "head's share of each token's score, 0 to 1 (0.5 is a good start; default 0: the decoder alone)",
+    )
 
 
 def _make_data_args(p: argparse.ArgumentParser) -> None:
@@ -407,6 +419,7 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
         help="autocast for perplexity (as in training)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _ctc_arg(p)
     _sampling_args(p, temperature=0.0)
 
 
@@ -815,6 +828,7 @@ def _generation_options(args: argparse.Namespace, **extra) -> GenerationOptions:
         top_p=args.top_p,
         repetition_penalty=args.repetition_penalty,
         seed=args.seed,
+        ctc_weight=getattr(args, "ctc_weight", 0.0),
         **extra,
     )
 

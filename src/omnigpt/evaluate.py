@@ -15,10 +15,12 @@ import math
 import time
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from omnigpt.chat import prompt_ids, reference, stop_ids, with_placeholders
 from omnigpt.config import save_json
+from omnigpt.ctc import JointCTCScorer
 from omnigpt.errors import OmnigptError
 from omnigpt.finetune import eval_batches, media_loader, tokenize_records
 from omnigpt.generate import GenerationOptions, generate_tokens
@@ -97,19 +99,37 @@ def generate_answers(
         stops = sorted({s for i in chunk for s in stop_ids(tokenizer, records[i])})
         inputs = collate_media([media[i] for i in chunk if media[i]])
         device = model.wte.weight.device
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        rescore = None
+        if opts.ctc_weight:
+            rescore = _joint_ctc(model, [media[i] for i in chunk], inputs, stops, opts.ctc_weight)
         new = generate_tokens(
             model,
             [prompts[i] for i in chunk],
             opts,
             stops,
             tokenizer.vocab_size,
-            prefill_inputs={k: v.to(device) for k, v in inputs.items()},
+            prefill_inputs=inputs,
+            rescore=rescore,
         )
         for i, ids in zip(chunk, new, strict=True):
             answers[i] = tokenizer.decode(ids, skip_special=True).strip()
         bar.update(len(chunk))
     bar.close()
     return answers
+
+
+def _joint_ctc(model, media: list[dict], inputs: dict, stops: list[int], weight: float):
+    """The joint CTC/attention scorer of a batch whose every example holds exactly one clip."""
+    if not isinstance(model, MultimodalGPT) or model.audio_ctc is None:
+        raise OmnigptError(
+            "--ctc-weight needs a model trained with a CTC head (ctc=WEIGHT in --audio)"
+        )
+    if any(len(m.get("mel", [])) != 1 for m in media):
+        raise OmnigptError("--ctc-weight needs exactly one audio clip in each prompt")
+    with torch.inference_mode():
+        log_probs = model.ctc_log_probs(inputs["mel"], inputs["frames"])
+    return JointCTCScorer(log_probs, model.audio_id, set(stops), weight)
 
 
 def evaluate(

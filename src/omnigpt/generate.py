@@ -32,6 +32,7 @@ class GenerationOptions:
     num_samples: int = 1  # completions per prompt
     seed: int | None = None
     token_healing: bool = True  # re-choose the prompt's last token (see Tokenizer.heal)
+    ctc_weight: float = 0.0  # > 0: joint CTC/attention decoding of audio prompts (see omnigpt.ctc)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -46,6 +47,8 @@ class GenerationOptions:
             raise OmnigptError("repetition_penalty must be > 0")
         if self.num_samples < 1:
             raise OmnigptError("num_samples must be at least 1")
+        if not 0 <= self.ctc_weight < 1:
+            raise OmnigptError("ctc_weight must be in [0, 1)")
 
 
 # -- sampling: pure functions of logits ----------------------------------------------------------
@@ -119,6 +122,7 @@ def generate_tokens(
     on_step: Callable[[list[int]], Sequence[bool] | None] | None = None,
     first_allowed: Sequence[Sequence[int] | None] | None = None,
     prefill_inputs: dict | None = None,
+    rescore: Callable[[torch.Tensor, list[int] | None], torch.Tensor] | None = None,
 ) -> list[list[int]]:
     """New tokens for each prompt (EOT excluded), decoded together on the KV cache.
 
@@ -130,6 +134,9 @@ def generate_tokens(
     `first_allowed`, per prompt, restricts the first new token to those ids (None: no restriction).
     `on_step(new_ids)` is called after every step with one id per sequence; it may return, per
     sequence, whether to stop it now (stop strings are implemented that way).
+    `rescore(logits, chosen)` maps each step's logits (B, V) to the scores the next token is chosen
+    by, told the ids chosen at the step before (None at the first): joint CTC decoding
+    (`ctc.JointCTCScorer`) is implemented that way.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise OmnigptError("every prompt needs at least one token")
@@ -182,6 +189,7 @@ def generate_tokens(
     out = torch.empty(B, max_new, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     lengths = [max_new] * B
+    ids: list[int] | None = None
     for step in range(max_new):
         next_logits = logits[:, -1, :vocab].float()
         if step == 0 and first_allowed is not None:
@@ -194,6 +202,8 @@ def generate_tokens(
             next_logits = next_logits.masked_fill(~keep, float("-inf"))
         if seen is not None:
             next_logits = apply_repetition_penalty(next_logits, seen, opts.repetition_penalty)
+        if rescore is not None:
+            next_logits = rescore(next_logits, ids)
         next_ids = sample_next(next_logits, opts, generator)
         out[:, step] = next_ids
         if seen is not None:

@@ -183,6 +183,15 @@ class MultimodalGPT(nn.Module):
             zero_infinity=True,
         )
 
+    def ctc_log_probs(self, mel: torch.Tensor, frames: torch.Tensor) -> list[torch.Tensor]:
+        """The CTC head's per-position log-probabilities of each clip (M, n_mels, T): a list of
+        (positions, V), cut to each clip's length (for joint CTC/attention decoding)."""
+        if self.audio_ctc is None:
+            raise OmnigptError("this model has no CTC head: train it with ctc=WEIGHT in --audio")
+        log_probs = self.audio_ctc(self._audio_features(mel, frames)).float().log_softmax(-1)
+        lengths = self.audio.config.positions(frames).tolist()
+        return [lp[:n] for lp, n in zip(log_probs, lengths, strict=True)]
+
     def embed(
         self,
         tokens: torch.Tensor,
