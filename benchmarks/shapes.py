@@ -1,6 +1,6 @@
 """Built-in shapes: caption exact match and question-answering accuracy on a fresh seeded split.
 
-    python benchmarks/shapes.py --out runs/shapes --minutes 15
+    python benchmarks/shapes.py --out runs/shapes --minutes 30
 
 Steps, all through omnigpt's library functions:
 1. `synthetic.write_shapes`: training scenes (seed 1), validation scenes for checkpoint choice
@@ -53,11 +53,11 @@ def question_kind(prompt: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("runs/shapes"))
-    ap.add_argument("--train-scenes", type=int, default=10000)
+    ap.add_argument("--train-scenes", type=int, default=20000)
     ap.add_argument("--test-scenes", type=int, default=500)
-    ap.add_argument("--minutes", type=float, default=15.0, help="training budget, wall-clock")
+    ap.add_argument("--minutes", type=float, default=30.0, help="training budget, wall-clock")
     ap.add_argument(
-        "--stage1-minutes", type=float, default=3.0, help="of the budget, on one-shape scenes"
+        "--stage1-minutes", type=float, default=4.0, help="of the budget, on one-shape scenes"
     )
     ap.add_argument("--max-steps", type=int, default=100_000)
     ap.add_argument("--vision", default="small", help="image encoder spec (VisionConfig.from_spec)")
