@@ -191,14 +191,14 @@ def main() -> None:
 
     model, tokenizer = load_model(args.out / "run-all" / "best")
     model.eval()
-    scores = {}
+    scores, records = {}, {split: read_records(sets[split]) for split in ("val", "test")}
     for name, weight in (("decoder", 0.0), ("joint", args.ctc_weight)):
         for split in ("val", "test"):
             summary, times[f"{split}-{name}"] = timed(
                 evaluate,
                 model,
                 tokenizer,
-                read_records(sets[split]),
+                records[split],
                 ["wer", "exact_match"],
                 GenerationOptions(temperature=0, max_new_tokens=16, ctc_weight=weight),
                 args.out / f"eval-{split}-{name}",
@@ -208,7 +208,7 @@ def main() -> None:
             scores[f"{split}_{name}"] = summary["metrics"]
     report = {
         "test_speaker": args.test_speaker,
-        "test_utterances": summary["examples"],
+        "test_utterances": len(records["test"]),
         "wer": scores["test_joint"]["wer"],
         "scores": scores,
         "steps": [r.steps for r in results],

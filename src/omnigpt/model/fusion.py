@@ -173,9 +173,8 @@ class MultimodalGPT(nn.Module):
         """CTC loss of encoder features (M, T', C) against each clip's transcript token ids
         (`targets`, concatenated; `lengths` (M,)). The blank is the audio placeholder id, which
         never occurs in text."""
-        log_probs = self.audio_ctc(features).float().log_softmax(-1)  # (M, T', V)
         return F.ctc_loss(
-            log_probs.transpose(0, 1),
+            self._ctc_log_probs(features).transpose(0, 1),  # (T', M, V)
             targets,
             self.audio.config.positions(frames),
             lengths,
@@ -188,9 +187,13 @@ class MultimodalGPT(nn.Module):
         (positions, V), cut to each clip's length (for joint CTC/attention decoding)."""
         if self.audio_ctc is None:
             raise OmnigptError("this model has no CTC head: train it with ctc=WEIGHT in --audio")
-        log_probs = self.audio_ctc(self._audio_features(mel, frames)).float().log_softmax(-1)
+        log_probs = self._ctc_log_probs(self._audio_features(mel, frames))
         lengths = self.audio.config.positions(frames).tolist()
         return [lp[:n] for lp, n in zip(log_probs, lengths, strict=True)]
+
+    def _ctc_log_probs(self, features: torch.Tensor) -> torch.Tensor:
+        """(M, T', V) in float32 (also under autocast) from encoder features (M, T', C)."""
+        return self.audio_ctc(features).float().log_softmax(-1)
 
     def embed(
         self,
