@@ -5,14 +5,16 @@ rate on the fourth, whom the model never heard.
 
 Steps, all through omnigpt's library functions:
 1. utterances of several digits, built by joining single-digit recordings with short random gaps
-   (written as 8 kHz WAV files plus JSONL transcripts such as "4 1 7"):
+   (written as 8 kHz WAV files plus JSONL transcripts such as "4 1 7"), every recording first cut
+   by the same endpointer (`ENDPOINT_DB`: the speakers' recordings were trimmed differently):
    - training: the three other speakers' recordings 5–49, as utterances of 1–5 digits (and,
      for the first stages, of one digit, and of one or two), each recording with its own speed change
      (resampling by 0.84–1.16, which moves pitch and formants as a different voice would),
-     microphone colouring (`perturb`), loudness and background noise;
+     microphone colouring, in half of them a tighter endpoint (`perturb`), loudness and background
+     noise;
    - validation (for checkpoint choice): the same speakers' recordings 0–4, not speed-changed;
-   - test: every one of the held-out speaker's 500 recordings, exactly once, unchanged, in
-     utterances of 2–5 digits;
+   - test: every one of the held-out speaker's 500 recordings, exactly once, otherwise unchanged,
+     in utterances of 2–5 digits;
 2. a small model built from nothing (`finetune.new_model`): Whisper-style audio encoder, a small
    decoder, a character tokenizer; trained with `finetune()` in three stages within `--minutes`
    of wall-clock time: single digits (`--stage1-minutes`), one or two digits (`--stage2-minutes`),
@@ -53,13 +55,32 @@ RATE = 8000
 SPEAKERS = ("george", "jackson", "lucas", "nicolas")
 
 
+# Every recording is cut to the span where it is within this many dB of its loudest 10 ms. The
+# speakers' recordings were trimmed differently: some keep 50-300 ms of near-silence and the
+# faint ends of their words (an "s", a "th"), others start and end 15-20 dB below their peak,
+# inside the word. One endpointer for all makes the training speakers' clips look like anyone's.
+ENDPOINT_DB = -20.0
+
+
+def endpoint(wave: np.ndarray, floor_db: float) -> np.ndarray:
+    """`wave` from its first to its last 10-ms frame within `floor_db` dB of its loudest frame."""
+    frame = RATE // 100
+    n = len(wave) // frame
+    energy = (wave[: n * frame].reshape(n, frame).astype(np.float64) ** 2).mean(1)
+    db = 10 * np.log10(energy + 1e-12)
+    loud = np.flatnonzero(db >= db.max() + floor_db)
+    return wave[loud[0] * frame : (loud[-1] + 1) * frame]
+
+
 def read_clips(folder: Path) -> dict[str, list[tuple[int, int, np.ndarray]]]:
-    """speaker → [(digit, index, samples)] of every `{digit}_{speaker}_{index}.wav`."""
+    """speaker → [(digit, index, samples)] of every `{digit}_{speaker}_{index}.wav`, endpointed
+    at `ENDPOINT_DB` and peak-normalised."""
     clips = defaultdict(list)
     for path in sorted(folder.glob("*.wav")):
         digit, speaker, index = path.stem.split("_")
         wave, rate = soundfile.read(path, dtype="float32")
         assert rate == RATE, f"{path}: {rate} Hz"
+        wave = endpoint(wave, ENDPOINT_DB)
         clips[speaker].append((int(digit), int(index), wave / (np.abs(wave).max() + 1e-6)))
     return clips
 
@@ -77,12 +98,15 @@ def join(parts: list[np.ndarray], rng: random.Random, noisy: bool) -> np.ndarray
 
 
 def perturb(wave: np.ndarray, rng: random.Random) -> np.ndarray:
-    """Another voice and another microphone, at random:
+    """Another voice, microphone and endpointer, at random:
+    - in half the clips, a tighter cut: to within 12-20 dB of the loudest frame (`endpoint`);
     - speed change by resampling: played back at 8 kHz, 0.84–1.16 times as fast, which moves pitch
       and formants;
     - colouring: a spectral tilt of -6 to +3 dB per octave about 1 kHz and, in half the clips, a
       roll-off of up to 40 dB above a cut-off of 1.5–4 kHz (a duller or brighter microphone);
     - loudness."""
+    if rng.random() < 0.5:
+        wave = endpoint(wave, rng.uniform(-20, -12))
     new_rate = rng.choice(range(6900, 9500, 100))  # 8000 / new_rate: 0.84–1.16; steps of 100 Hz
     wave = resample(torch.from_numpy(wave), RATE, new_rate).numpy()
     spectrum = np.fft.rfft(wave)

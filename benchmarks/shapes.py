@@ -1,15 +1,15 @@
 """Built-in shapes: caption exact match and question-answering accuracy on a fresh seeded split.
 
-    python benchmarks/shapes.py --out runs/shapes --minutes 30
+    python benchmarks/shapes.py --out runs/shapes --minutes 60
 
 Steps, all through omnigpt's library functions:
 1. `synthetic.write_shapes`: training scenes (seed 1), validation scenes for checkpoint choice
    (seed 2) and test scenes (seed 3), each with its caption and its questions (colour, shape,
    count, which of two shapes is further left), written as PNG files and JSONL;
-2. a small model built from nothing (`finetune.new_model`): a ViT image encoder, a decoder and a
-   character tokenizer, trained on captions and questions together with `finetune()` within
-   `--minutes` of wall-clock time, in two stages: scenes of one shape (seed 11, for
-   `--stage1-minutes`), then scenes of one to three;
+2. a small model built from nothing (`finetune.new_model`): a ViT image encoder with a
+   convolutional stem, a decoder and a character tokenizer, trained on captions and questions
+   together with `finetune()` within `--minutes` of wall-clock time, in two stages: scenes of one
+   shape (seed 11, for `--stage1-minutes`), then scenes of one to three;
 3. greedy answers on the test scenes from the best checkpoint: caption exact match, and accuracy
    per question kind.
 
@@ -34,6 +34,7 @@ from omnigpt.finetune import new_model
 from omnigpt.generate import GenerationOptions
 from omnigpt.hf import load_model
 from omnigpt.synthetic import CAPTION_PROMPT, write_shapes
+from omnigpt.train import pick_device
 
 
 def question_kind(prompt: str) -> str:
@@ -53,14 +54,16 @@ def question_kind(prompt: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("runs/shapes"))
-    ap.add_argument("--train-scenes", type=int, default=20000)
+    ap.add_argument("--train-scenes", type=int, default=40000)
     ap.add_argument("--test-scenes", type=int, default=500)
-    ap.add_argument("--minutes", type=float, default=30.0, help="training budget, wall-clock")
+    ap.add_argument("--minutes", type=float, default=60.0, help="training budget, wall-clock")
     ap.add_argument(
-        "--stage1-minutes", type=float, default=4.0, help="of the budget, on one-shape scenes"
+        "--stage1-minutes", type=float, default=5.0, help="of the budget, on one-shape scenes"
     )
     ap.add_argument("--max-steps", type=int, default=100_000)
-    ap.add_argument("--vision", default="small", help="image encoder spec (VisionConfig.from_spec)")
+    ap.add_argument(
+        "--vision", default="small,stem=conv", help="image encoder spec (VisionConfig.from_spec)"
+    )
     ap.add_argument("--decoder", default="4,4,128", help="decoder layers,heads,width")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -106,8 +109,9 @@ def main() -> None:
     )
     print(f"training: {times['train']}", flush=True)
 
+    device = pick_device()  # where `finetune` trained: the GPU if there is one
     model, tokenizer = load_model(args.out / "run-all" / "best")
-    model.eval()
+    model.to(device).eval()
     records = read_records(test)
     answers, times["eval"] = timed(
         generate_answers,
@@ -135,6 +139,7 @@ def main() -> None:
         "test_examples": dict(total),
         "steps": [r.steps for r in results],
         "times": times,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "settings": {k: str(v) for k, v in vars(args).items()},
     }
     print(json.dumps(report))

@@ -44,6 +44,25 @@ def test_images_of_any_size_and_format_become_encoder_tokens(tmp_path, suffix):
     assert tokens.shape == (1, VISION.tokens, 48) and VISION.tokens == 4
 
 
+def test_a_conv_stem_gives_the_patch_stems_features_and_checks_its_patch_size():
+    image = torch.rand(2, 3, 32, 32) * 2 - 1
+    conv = VisionConfig(**{**VISION.to_dict(), "stem": "conv"})
+    encoder = VisionEncoder(conv)
+    strides = [m.stride[0] for m in encoder.patch_embed if isinstance(m, torch.nn.Conv2d)]
+    assert strides == [2, 2, 2, 1]  # three halvings make 8-pixel patches, then a 1×1 mix
+    assert encoder(image).shape == VisionEncoder(VISION)(image).shape == (2, VISION.grid**2, 16)
+    # a patch's stem feature sees its own pixels and a few around them, no further
+    changed = image.clone()
+    changed[:, :, :8, :8] = 0  # the top-left patch
+    assert torch.equal(
+        encoder.patch_embed(changed)[..., 2:, 2:], encoder.patch_embed(image)[..., 2:, 2:]
+    )
+    with pytest.raises(OmnigptError, match="power-of-two patch_size"):
+        VisionConfig(image_size=36, patch_size=6, stem="conv")
+    with pytest.raises(OmnigptError, match="stem must be 'patch' or 'conv'"):
+        VisionConfig.from_spec("tiny,stem=resnet")
+
+
 def test_pixel_shuffle_groups_neighbouring_patches():
     grid = torch.arange(16, dtype=torch.float32).view(1, 16, 1)  # patch ids of a 4×4 grid
     merged = pixel_shuffle(grid, 2)

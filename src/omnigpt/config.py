@@ -153,9 +153,18 @@ class VisionConfig(EncoderConfig):
     image_size: int = 64
     patch_size: int = 8
     shuffle: int = 2  # the projector merges shuffle × shuffle neighbouring patches into one token
+    # how patches are embedded: "patch", one strided convolution (ViT); "conv", a stack of stride-2
+    # 3×3 convolutions (Xiao et al., 2021), which sees shapes and edges with far less data
+    stem: str = "patch"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.stem not in ("patch", "conv"):
+            raise OmnigptError(f"stem must be 'patch' or 'conv', not {self.stem!r}")
+        if self.stem == "conv" and self.patch_size & (self.patch_size - 1):
+            raise OmnigptError(
+                f"a conv stem needs a power-of-two patch_size, not {self.patch_size}"
+            )
         if self.image_size % self.patch_size:
             raise OmnigptError(
                 f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})"
