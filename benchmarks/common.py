@@ -1,8 +1,9 @@
-"""What the benchmark scripts share: timing, and training in stages within one wall-clock budget.
+"""What the benchmark scripts share: timing, a new model to start from, and training in stages within one wall-clock budget.
 
 result, t = timed(pretrain, ...)                  # t = {"wall_s": ..., "cpu_s": ...}
-results, t = train_in_stages("runs/x/init", [("1", "one.jsonl", "one-val.jsonl", 180),
-                                             ("all", "all.jsonl", "val.jsonl", None)],
+init = build_init("runs/x", "train.jsonl", "4,4,128", block_size=128, seed=0, vision="small")
+results, t = train_in_stages(init, [("1", "one.jsonl", "one-val.jsonl", 180),
+                                    ("all", "all.jsonl", "val.jsonl", None)],
                              "runs/x", minutes=20, ...)
 """
 
@@ -12,8 +13,12 @@ import resource
 import time
 from pathlib import Path
 
-from omnigpt.config import TrainConfig
-from omnigpt.finetune import FinetuneConfig, finetune
+import torch
+
+from omnigpt.chat import read_records
+from omnigpt.checkpoint import save_checkpoint
+from omnigpt.config import ModelConfig, TrainConfig
+from omnigpt.finetune import FinetuneConfig, finetune, new_model
 
 
 def cpu_seconds() -> float:
@@ -26,6 +31,19 @@ def timed(fn, *args, **kwargs):
     wall, cpu = time.time(), cpu_seconds()
     result = fn(*args, **kwargs)
     return result, {"wall_s": round(time.time() - wall, 1), "cpu_s": round(cpu_seconds() - cpu, 1)}
+
+
+def build_init(
+    out: Path, train: Path, decoder: str, block_size: int, seed: int, **encoders: str
+) -> Path:
+    """A model built from nothing for the records in `train`: a decoder of "layers,heads,width", a
+    character tokenizer and the encoders named by spec (`vision=`, `audio=`), saved as out/init."""
+    layers, heads, width = (int(v) for v in decoder.split(","))
+    torch.manual_seed(seed)
+    shape = ModelConfig(n_layer=layers, n_head=heads, n_embd=width, block_size=block_size)
+    model, tokenizer = new_model(read_records(train), shape, "char", **encoders)
+    save_checkpoint(out / "init", model, tokenizer)
+    return out / "init"
 
 
 def train_in_stages(

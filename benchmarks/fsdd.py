@@ -39,13 +39,10 @@ from pathlib import Path
 import numpy as np
 import soundfile
 import torch
-from common import timed, train_in_stages
+from common import build_init, timed, train_in_stages
 
 from omnigpt.chat import read_records
-from omnigpt.checkpoint import save_checkpoint
-from omnigpt.config import ModelConfig
 from omnigpt.evaluate import evaluate
-from omnigpt.finetune import new_model
 from omnigpt.generate import GenerationOptions
 from omnigpt.hf import load_model
 from omnigpt.media import resample
@@ -244,15 +241,9 @@ def main() -> None:
 
 def train(args: argparse.Namespace, sets: dict[str, Path]) -> tuple[list, dict]:
     """A model built from nothing, trained in three stages; each stage's result, and the time."""
-    layers, heads, width = (int(v) for v in args.decoder.split(","))
-    torch.manual_seed(args.seed)
-    model, tokenizer = new_model(
-        read_records(sets["train"]),
-        ModelConfig(n_layer=layers, n_head=heads, n_embd=width, block_size=256),
-        "char",
-        audio=args.audio,
+    init = build_init(
+        args.out, sets["train"], args.decoder, block_size=256, seed=args.seed, audio=args.audio
     )
-    save_checkpoint(args.out / "init", model, tokenizer)
 
     # Stages from short to long: single digits (the model learns what each digit sounds like),
     # then one or two, then whole utterances (it learns to find each digit in turn). Straight on
@@ -263,7 +254,7 @@ def train(args: argparse.Namespace, sets: dict[str, Path]) -> tuple[list, dict]:
         ("all", sets["train"], sets["val"], None),
     ]
     return train_in_stages(
-        args.out / "init",
+        init,
         stages,
         args.out,
         args.minutes,

@@ -24,13 +24,10 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from common import timed, train_in_stages
+from common import build_init, timed, train_in_stages
 
 from omnigpt.chat import read_records
-from omnigpt.checkpoint import save_checkpoint
-from omnigpt.config import ModelConfig
 from omnigpt.evaluate import generate_answers
-from omnigpt.finetune import new_model
 from omnigpt.generate import GenerationOptions
 from omnigpt.hf import load_model
 from omnigpt.synthetic import CAPTION_PROMPT, write_shapes
@@ -84,20 +81,14 @@ def main() -> None:
     (train, val, train_1, val_1, test), times["data"] = timed(write_all)
     print(f"data: {times['data']}", flush=True)
 
-    layers, heads, width = (int(v) for v in args.decoder.split(","))
-    torch.manual_seed(args.seed)
-    model, tokenizer = new_model(
-        read_records(train),
-        ModelConfig(n_layer=layers, n_head=heads, n_embd=width, block_size=128),
-        "char",
-        vision=args.vision,
+    init = build_init(
+        args.out, train, args.decoder, block_size=128, seed=args.seed, vision=args.vision
     )
-    save_checkpoint(args.out / "init", model, tokenizer)
 
     # Two stages, as for speech: scenes of one shape first, then scenes of one to three.
     stages = [("1", train_1, val_1, args.stage1_minutes * 60), ("all", train, val, None)]
     results, times["train"] = train_in_stages(
-        args.out / "init",
+        init,
         stages,
         args.out,
         args.minutes,
