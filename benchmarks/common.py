@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: timing, a new model to start from, and training in stages within one wall-clock budget.
+"""What the benchmark scripts share: timing, a new model to start from, and training in stages
+within one wall-clock budget.
 
 result, t = timed(pretrain, ...)                  # t = {"wall_s": ..., "cpu_s": ...}
 init = build_init("runs/x", "train.jsonl", "4,4,128", block_size=128, seed=0, vision="small")
