@@ -76,7 +76,7 @@ def train_in_stages(
                 weight_decay=0.05,
                 eval_interval=250,
                 eval_batches=0,
-                precision="bf16",
+                precision="auto",
                 seed=seed,
             )
             run = out / f"run-{name}"

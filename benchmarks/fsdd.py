@@ -44,6 +44,7 @@ from common import build_init, timed, train_in_stages
 from omnigpt.chat import read_records
 from omnigpt.evaluate import evaluate
 from omnigpt.generate import GenerationOptions
+from omnigpt.hardware import machine_info
 from omnigpt.hf import load_model
 from omnigpt.media import resample
 from omnigpt.synthetic import TRANSCRIBE_PROMPT
@@ -234,6 +235,7 @@ def main() -> None:
         "scores": scores,
         "steps": [r.steps for r in results],
         "times": times,
+        "machine": machine_info(),
         "settings": {k: str(v) for k, v in vars(args).items()},
     }
     print(json.dumps(report))

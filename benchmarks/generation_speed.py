@@ -20,6 +20,7 @@ import torch
 
 from omnigpt.config import ModelConfig
 from omnigpt.generate import GenerationOptions, generate_tokens
+from omnigpt.hardware import machine_info
 from omnigpt.model import GPT
 
 VOCAB = 50257
@@ -106,8 +107,7 @@ def main() -> None:
         weights_mb=weight_bytes / 1e6,
         read_bandwidth_gb_s=bandwidth,
         batch1_bound_tokens_per_s=bound,
-        threads=torch.get_num_threads(),
-        torch=torch.__version__,
+        machine=machine_info(),
     )
     if 1 in args.batch_sizes:
         achieved = results["omnigpt_batch1_tokens_per_s"]

@@ -21,6 +21,7 @@ import time
 import torch
 
 from omnigpt.generate import GenerationOptions, generate_tokens
+from omnigpt.hardware import machine_info
 from omnigpt.hf import load_hf
 from omnigpt.tokenizer import Tokenizer
 
@@ -94,8 +95,7 @@ def main() -> None:
                 "omnigpt_tokens_per_s": round(args.new_tokens / ours_gen, 2),
                 "transformers_tokens_per_s": round(args.new_tokens / theirs_gen, 2),
                 "identical_greedy_tokens": same,
-                "torch": torch.__version__,
-                "threads": torch.get_num_threads(),
+                "machine": machine_info(),
             }
         )
     )

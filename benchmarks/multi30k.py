@@ -31,6 +31,7 @@ from omnigpt.data import prepare
 from omnigpt.evaluate import evaluate
 from omnigpt.finetune import FinetuneConfig, finetune
 from omnigpt.generate import GenerationOptions
+from omnigpt.hardware import machine_info
 from omnigpt.hf import load_model
 from omnigpt.lora import LoRAConfig
 from omnigpt.train import pretrain
@@ -68,7 +69,12 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--lora-lr", type=float, default=3e-3)
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
+    p.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="auto: bf16 autocast where bf16 matmuls are native, else fp32",
+    )
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--seed", type=int, default=1337)
     args = p.parse_args()
@@ -76,7 +82,12 @@ def main() -> None:
     data, out = Path(args.data), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     train_pairs, val_pairs = read_pairs(data, "train"), read_pairs(data, "val")
-    report: dict = {"train_pairs": len(train_pairs), "val_pairs": len(val_pairs), "stages": {}}
+    report: dict = {
+        "train_pairs": len(train_pairs),
+        "val_pairs": len(val_pairs),
+        "machine": machine_info(),
+        "stages": {},
+    }
 
     # 1. pretraining text: each sentence of either language is a document
     sentences = [{"text": s} for pair in train_pairs for s in pair]

@@ -4,8 +4,8 @@
 
 Train split: the first 90% of the characters; val: the last 10%. The defaults are the recipe in
 benchmarks/RESULTS.md: 4 layers × 128 wide, context 128, batch 32, Muon for the weight matrices,
-bf16 autocast for matmuls (fast on CPUs with AMX) with attention in fp32, no dropout; each can be
-changed on the command line (`--help`).
+bf16 autocast for matmuls where bf16 is native (AMX / AVX-512 BF16; attention stays in fp32), fp32
+elsewhere, no dropout; each can be changed on the command line (`--help`).
 
 The budget covers the whole training loop (model build excluded, every optimizer step included);
 the val loss is then measured over every character of the val split. The last line printed is one
@@ -25,6 +25,7 @@ import torch
 
 from omnigpt.config import ModelConfig, TrainConfig
 from omnigpt.data import RandomWindows
+from omnigpt.hardware import machine_info
 from omnigpt.model import GPT
 from omnigpt.tokenizer import Tokenizer
 from omnigpt.train import fit, padded_vocab, setup_distributed
@@ -55,9 +56,9 @@ def main() -> None:
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument(
         "--precision",
-        choices=["fp32", "bf16"],
-        default="bf16",
-        help="bf16: autocast matmuls to bf16 (AMX)",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="auto: bf16 autocast where bf16 matmuls are native (AMX, AVX-512 BF16, CUDA), else fp32",
     )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=1337)
@@ -127,7 +128,9 @@ def main() -> None:
                 "steps": result.steps,
                 "tokens": result.tokens,
                 "params": model.num_params(),
+                "precision": result.precision,
                 "wall_seconds_with_eval": round(total, 1),
+                "machine": machine_info(),
                 "config": {k: v for k, v in vars(args).items() if k not in ("data",)},
             }
         )

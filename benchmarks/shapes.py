@@ -29,6 +29,7 @@ from common import build_init, timed, train_in_stages
 from omnigpt.chat import read_records
 from omnigpt.evaluate import generate_answers
 from omnigpt.generate import GenerationOptions
+from omnigpt.hardware import machine_info
 from omnigpt.hf import load_model
 from omnigpt.synthetic import CAPTION_PROMPT, write_shapes
 from omnigpt.train import pick_device
@@ -131,6 +132,7 @@ def main() -> None:
         "steps": [r.steps for r in results],
         "times": times,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "machine": machine_info(),
         "settings": {k: str(v) for k, v in vars(args).items()},
     }
     print(json.dumps(report))

@@ -361,14 +361,21 @@ def test_lora_resume_matches_an_uninterrupted_run(tmp_path, base_dir, task_files
 
 
 def test_a_tiny_model_learns_to_reverse_strings(tmp_path, task_files, tok):
-    """Reversing 2-7 letter strings, from random weights: 100% on held-out strings in 1000 steps."""
+    """Reversing 2-7 letter strings, from random weights: 100% on held-out strings in 300 steps
+    with Muon (val loss 0.002 measured; AdamW needs about 1,000 steps of twice the batch)."""
     torch.manual_seed(0)
     model = GPT(
         ModelConfig(vocab_size=tok.vocab_size, block_size=48, n_layer=2, n_head=4, n_embd=64)
     )
     save_checkpoint(tmp_path / "base", model, tok)
     cfg = TrainConfig(
-        batch_size=32, max_steps=1000, lr=3e-3, warmup_steps=20, eval_interval=250, weight_decay=0.0
+        batch_size=16,
+        max_steps=300,
+        optimizer="muon",
+        lr=3e-3,
+        warmup_steps=20,
+        eval_interval=100,
+        weight_decay=0.0,
     )
     result = finetune(
         tmp_path / "base",
@@ -407,7 +414,7 @@ def test_two_process_ddp_lora_matches_single_process(tmp_path, base_dir, task_fi
     common = ["finetune", "--model", str(base_dir), "--data", str(task_files[0])]
     common += ["--method", "lora", "--lora-rank", "2", "--pack", "--max-steps", "6"]
     common += ["--eval-interval", "3", "--log-interval", "1", "--lr", "1e-2", "--no-progress"]
-    common += ["--device", "cpu"]
+    common += ["--device", "cpu", "--precision", "fp32"]  # exact sums, as in test_train's DDP test
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launch = {
         "single": [sys.executable, "-m", "omnigpt", *common, "--batch-size", "8"],

@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -128,7 +129,12 @@ def test_gradient_accumulation_equals_a_big_batch(tmp_path, char_tokenizer):
         torch.manual_seed(0)
         model = GPT(ModelConfig(**TINY, vocab_size=char_tokenizer.vocab_size))
         cfg = TrainConfig(
-            batch_size=batch, grad_accum=accum, max_steps=5, eval_interval=100, log_interval=1
+            batch_size=batch,
+            grad_accum=accum,
+            max_steps=5,
+            eval_interval=100,
+            log_interval=1,
+            precision="fp32",  # exact sums: bf16 rounds the two halves differently
         )
         (tmp_path / name).mkdir()
         # the accumulating run draws 4 + 4 windows per step from the same stream as one draw of 8
@@ -205,10 +211,41 @@ def test_existing_run_is_not_overwritten(tmp_path, data_dir):
     assert (tmp_path / "run/latest/model.safetensors").read_bytes() == before
 
 
-def test_time_budget_stops_training(tmp_path, data_dir):
-    cfg = TrainConfig(batch_size=4, max_steps=10**6, max_seconds=1.0, eval_interval=10**6)
-    result = pretrain(data_dir, tmp_path / "run", ModelConfig(**TINY), cfg, progress=False)
-    assert result.stopped_by == "max_seconds" and 1.0 <= result.seconds < 5.0
+def test_time_budget_stops_training(tmp_path, char_tokenizer, monkeypatch):
+    """Each step takes 0.25 s on a fake clock: a 1 s budget is exactly 4 steps on any machine, and
+    the schedule's progress follows the clock."""
+    import omnigpt.train
+
+    clock = [1000.0]
+    monkeypatch.setattr(omnigpt.train, "time", SimpleNamespace(time=lambda: clock[0]))
+    tokens = np.asarray(char_tokenizer.encode(CORPUS), dtype=np.uint16)
+    batches = RandomWindows(tokens, 32, 4, seed=0)
+    draw = batches.next_batch
+
+    def next_batch():
+        clock[0] += 0.25
+        return draw()
+
+    batches.next_batch = next_batch
+    model = GPT(ModelConfig(**TINY, vocab_size=char_tokenizer.vocab_size))
+    cfg = TrainConfig(
+        batch_size=4,
+        max_steps=10**6,
+        max_seconds=1.0,
+        warmup_steps=1,
+        min_lr_ratio=0.0,
+        eval_interval=10**6,
+        log_interval=1,
+    )
+    result = fit(
+        model, char_tokenizer, batches, tokens[:300], cfg, tmp_path, Dist(), progress=False
+    )
+    assert result.stopped_by == "max_seconds"
+    assert result.steps == 4 and result.seconds == 1.0
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    lrs = [r["lr"] for r in records if "lr" in r]
+    # warmup, then cosine over the 1 s: progress 0.25, 0.5, 0.75 of the budget at steps 2–4
+    assert lrs == pytest.approx([1e-3, 1e-3 * 0.8536, 1e-3 * 0.5, 1e-3 * 0.1464], abs=1e-6)
 
 
 def test_two_process_ddp_matches_single_process(tmp_path, data_dir):
@@ -232,6 +269,7 @@ def test_two_process_ddp_matches_single_process(tmp_path, data_dir):
         "1",
     ]
     common += ["--lr", "3e-3", "--warmup-steps", "2", "--no-progress", "--device", "cpu"]
+    common += ["--precision", "fp32"]  # exact sums: bf16 rounds each process's half differently
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single = subprocess.run(
         [

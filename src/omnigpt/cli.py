@@ -197,7 +197,8 @@ def _optimisation_args(p: argparse.ArgumentParser, d: TrainConfig) -> None:
         "--precision",
         choices=["auto", "fp32", "bf16"],
         default="auto",
-        help="auto: bf16 autocast on GPU, fp32 on CPU; bf16 also speeds up CPUs with AMX",
+        help="auto: bf16 autocast where bf16 is native (CUDA; CPUs with AMX or AVX-512 BF16), "
+        "fp32 elsewhere; bf16 on other CPUs works but is emulated and slow",
     )
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

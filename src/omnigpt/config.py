@@ -263,7 +263,8 @@ class TrainConfig:
     log_interval: int = 10
     seed: int = 1337
     compile: bool = False
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    # auto: bf16 autocast where bf16 matmuls are native (CUDA; CPUs with AMX / AVX-512 BF16), else fp32
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     early_stop_patience: int = 0  # stop after this many evaluations without improvement; 0 = never
     lr_scale: dict[str, float] = dataclasses.field(

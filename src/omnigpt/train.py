@@ -29,7 +29,9 @@ from omnigpt.checkpoint import load_checkpoint, load_trainer_state, save_checkpo
 from omnigpt.config import UNLIMITED_STEPS, ModelConfig, TrainConfig, load_json, save_json
 from omnigpt.data import RandomWindows, load_tokens, sequential_windows
 from omnigpt.errors import OmnigptError
+from omnigpt.hardware import autocast, resolve_precision
 from omnigpt.model import GPT, IGNORE_INDEX
+from omnigpt.muon import Muon
 from omnigpt.tokenizer import Tokenizer
 
 
@@ -133,7 +135,7 @@ def build_optimizers(
     muon = param_groups(("muon",), cfg.muon_lr)
     if muon:
         optimizers.append(
-            torch.optim.Muon(
+            Muon(
                 muon, lr=cfg.muon_lr, weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw"
             )
         )
@@ -190,13 +192,6 @@ def _unpack(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, di
     return x.to(device, non_blocking=True), y.to(device, non_blocking=True), extras
 
 
-def autocast(device: torch.device, precision: str = "auto"):
-    """bf16 autocast on GPU by default; fp32 on CPU unless bf16 is asked for (fast on CPUs with AMX)."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 # -- the loop -------------------------------------------------------------------------------------
 
 
@@ -209,14 +204,15 @@ class RunResult:
     final_val_loss: float | None
     best_val_loss: float | None
     stopped_by: str
+    precision: str = "fp32"  # what the run computed in ("auto" resolved)
 
     def __str__(self) -> str:
         val = f"{self.final_val_loss:.4f}" if self.final_val_loss is not None else "n/a"
         best = f"{self.best_val_loss:.4f}" if self.best_val_loss is not None else "n/a"
         return (
             f"{self.steps} steps, {self.tokens:,} tokens in {self.seconds:.1f}s "
-            f"({self.tokens / max(self.seconds, 1e-9):,.0f} tokens/s); final val loss {val}, best {best} "
-            f"(stopped by {self.stopped_by})"
+            f"({self.tokens / max(self.seconds, 1e-9):,.0f} tokens/s, {self.precision}); "
+            f"final val loss {val}, best {best} (stopped by {self.stopped_by})"
         )
 
 
@@ -241,6 +237,11 @@ def fit(
     run_dir = Path(run_dir)
     device = dist_info.device
     model.to(device)
+    precision = resolve_precision(cfg.precision, device)  # "auto" → what this machine runs fastest
+    if dist_info.world_size > 1:  # every process computes as rank 0 decided (a probe may differ)
+        bf16 = torch.tensor([int(precision == "bf16")], device=device)
+        dist.broadcast(bf16, src=0)
+        precision = "bf16" if bf16.item() else "fp32"
     optimizers = build_optimizers(model, cfg, device)
     step, tokens_seen, elapsed_before, best_val, bad_evals = 0, 0, 0.0, math.inf, 0
     if resume:
@@ -276,7 +277,7 @@ def fit(
                 dist_info.rank,
                 dist_info.world_size,
             )
-        return evaluate_loss(model, batches, device, dist_info, cfg.precision)
+        return evaluate_loss(model, batches, device, dist_info, precision)
 
     def save(
         folder: str, loader_state: dict | None = None, rng_state: torch.Tensor | None = None
@@ -309,6 +310,9 @@ def fit(
         disable=not (progress and dist_info.is_main),
         dynamic_ncols=True,
     )
+    if progress and dist_info.is_main:
+        auto = f" ({cfg.precision} on this {device.type})" if cfg.precision == "auto" else ""
+        print(f"precision: {precision}{auto}")
     model.train()
     loader_state, rng_state = train_batches.state_dict(), torch.get_rng_state()
     try:
@@ -344,7 +348,7 @@ def fit(
                 sync = i == len(micro) - 1 or dist_info.world_size == 1
                 with (
                     contextlib.nullcontext() if sync else train_model.no_sync(),
-                    autocast(device, cfg.precision),
+                    autocast(device, precision),
                 ):
                     _, loss = train_model(x, y, **extras)
                     n = (y != IGNORE_INDEX).sum()
@@ -433,7 +437,9 @@ def fit(
             "final": True,
         }
     )
-    result = RunResult(str(run_dir), step, tokens_seen, seconds, val_loss, best_val, stopped_by)
+    result = RunResult(
+        str(run_dir), step, tokens_seen, seconds, val_loss, best_val, stopped_by, precision
+    )
     if dist_info.is_main:
         log_file.close()
         save_json(run_dir / "summary.json", result.__dict__)
