@@ -3,9 +3,10 @@
     python benchmarks/shakespeare_char.py --data ../shared/data/tinyshakespeare/input.txt --seconds 90
 
 Train split: the first 90% of the characters; val: the last 10%. The defaults are the recipe in
-benchmarks/RESULTS.md: 4 layers × 128 wide, context 128, batch 32, Muon for the weight matrices,
-bf16 autocast for matmuls where bf16 is native (AMX / AVX-512 BF16; attention stays in fp32), fp32
-elsewhere, no dropout; each can be changed on the command line (`--help`).
+benchmarks/RESULTS.md, which follows the machine (`RECIPES` below): where bf16 matmuls are native
+(AMX / AVX-512 BF16), bf16 autocast (attention stays in fp32), 4 layers × 128 wide, context 128,
+batch 32; elsewhere fp32, 4 layers × 96 wide, context 64, batch 16. Both: Muon for the weight
+matrices, AdamW for the rest, no dropout. Each can be changed on the command line (`--help`).
 
 The budget covers the whole training loop (model build excluded, every optimizer step included);
 the val loss is then measured over every character of the val split. The last line printed is one
@@ -25,10 +26,19 @@ import torch
 
 from omnigpt.config import ModelConfig, TrainConfig
 from omnigpt.data import RandomWindows
-from omnigpt.hardware import machine_info
+from omnigpt.hardware import machine_info, resolve_precision
 from omnigpt.model import GPT
 from omnigpt.tokenizer import Tokenizer
 from omnigpt.train import fit, padded_vocab, setup_distributed
+
+# The recipe's shape follows what the machine computes fast (measured in benchmarks/RESULTS.md §1).
+# Where bf16 is native (AMX, AVX-512 BF16), steps of 32 × 128 tokens on a 128-wide model are cheap;
+# in fp32 a step costs about twice as much, and a narrower model taking more, smaller steps learns
+# more in the same time. Flags given on the command line override these.
+RECIPES = {
+    "bf16": dict(n_embd=128, batch_size=32, block_size=128),
+    "fp32": dict(n_embd=96, batch_size=16, block_size=64),
+}
 
 
 def main() -> None:
@@ -39,9 +49,9 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=90.0, help="training wall-clock budget")
     p.add_argument("--n-layer", type=int, default=4)
     p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--n-embd", type=int, default=128)
-    p.add_argument("--block-size", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--n-embd", type=int, help="width (default: the machine's recipe)")
+    p.add_argument("--block-size", type=int, help="context (default: the machine's recipe)")
+    p.add_argument("--batch-size", type=int, help="batch (default: the machine's recipe)")
     p.add_argument("--optimizer", choices=["adamw", "muon"], default="muon")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--muon-lr", type=float, default=0.015)
@@ -65,6 +75,10 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    precision = resolve_precision(args.precision, torch.device("cpu"))
+    for name, value in RECIPES[precision].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
 
     text = Path(args.data).read_text(encoding="utf-8")
     split = int(0.9 * len(text))
@@ -129,6 +143,7 @@ def main() -> None:
                 "tokens": result.tokens,
                 "params": model.num_params(),
                 "precision": result.precision,
+                "recipe": precision,
                 "wall_seconds_with_eval": round(total, 1),
                 "machine": machine_info(),
                 "config": {k: v for k, v in vars(args).items() if k not in ("data",)},
