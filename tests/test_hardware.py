@@ -168,9 +168,9 @@ def test_muon_in_bf16_is_torch_muon_and_fp32_agrees_within_bf16_tolerance():
 def test_muon_picks_its_dtype_by_the_hardware(fake_cpu):
     fake_cpu("AVX2")
     opt = Muon([torch.nn.Parameter(torch.randn(8, 8))])
-    assert opt._dtype(CPU) == torch.float32
+    assert opt.orthogonalisation_dtype(CPU) == torch.float32
     fake_cpu("AVX512", amx=True)
-    assert opt._dtype(CPU) == torch.bfloat16
+    assert opt.orthogonalisation_dtype(CPU) == torch.bfloat16
 
 
 def test_muon_state_loads_into_torch_muon_and_back():

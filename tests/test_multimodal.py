@@ -575,7 +575,7 @@ def test_staged_training_aligns_new_encoders_then_tunes_with_lora(tmp_path):
 # -- learning the built-in tasks ------------------------------------------------------------------
 
 
-def _learn(tmp_path, stages, vision=None, audio=None, block_size=64, batch_size=16):
+def _learn(tmp_path, stages, vision=None, audio=None, block_size=64):
     """A model built from nothing, trained on each (JSONL, steps) stage in turn, as the staged
     recipe does: easy examples first. Returns it and its tokenizer."""
     from omnigpt.chat import read_records
@@ -591,7 +591,7 @@ def _learn(tmp_path, stages, vision=None, audio=None, block_size=64, batch_size=
     save_checkpoint(base, model, tok)
     for i, (data, steps) in enumerate(stages):
         cfg = TrainConfig(
-            batch_size=batch_size,
+            batch_size=16,
             max_steps=steps,
             lr=2e-3,
             warmup_steps=50,

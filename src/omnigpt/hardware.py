@@ -133,7 +133,9 @@ def machine_info() -> dict:
     info = {
         "cpu": cpu_model(),
         "capability": cpu_capability(),
-        "cores": len(os.sched_getaffinity(0)),
+        "cores": len(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
+        else os.cpu_count(),
         "threads": torch.get_num_threads(),
         "bf16_native_cpu": cpu_bf16_native(),
         "torch": torch.__version__,

@@ -101,7 +101,8 @@ class Muon(torch.optim.Optimizer):
                     )
         self.ns_dtype = ns_dtype
 
-    def _dtype(self, device: torch.device) -> torch.dtype:
+    def orthogonalisation_dtype(self, device: torch.device) -> torch.dtype:
+        """`ns_dtype` if given, else bf16 where `device` multiplies it natively, else fp32."""
         return self.ns_dtype if self.ns_dtype is not None else matmul_dtype(device)
 
     @torch.no_grad()
@@ -134,7 +135,7 @@ class Muon(torch.optim.Optimizer):
                 stacked = torch.stack([updates[i] for i in idx])  # (n, A, B)
                 ortho = orthogonalise(
                     stacked,
-                    self._dtype(device),
+                    self.orthogonalisation_dtype(device),
                     group["ns_coefficients"],
                     group["ns_steps"],
                     group["eps"],
