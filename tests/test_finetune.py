@@ -22,7 +22,7 @@ from omnigpt.hf import load_model
 from omnigpt.lora import LoRAConfig, adapter_state, add_lora, lora_layers, merge_lora
 from omnigpt.model import GPT, IGNORE_INDEX
 from omnigpt.tokenizer import ASSISTANT, END_OF_TURN, EOT, USER, Tokenizer
-from tests.conftest import tiny_model
+from tests.conftest import single_and_two_process_runs, tiny_model
 
 CONVERSATION = [
     {"role": "system", "content": "Answer briefly."},
@@ -405,27 +405,13 @@ def test_a_tiny_model_learns_to_reverse_strings(tmp_path, task_files, tok):
 
 
 def test_two_process_ddp_lora_matches_single_process(tmp_path, base_dir, task_files):
-    import os
-    import subprocess
-    import sys
-
     from tests.test_train import losses
 
     common = ["finetune", "--model", str(base_dir), "--data", str(task_files[0])]
     common += ["--method", "lora", "--lora-rank", "2", "--pack", "--max-steps", "6"]
     common += ["--eval-interval", "3", "--log-interval", "1", "--lr", "1e-2", "--no-progress"]
     common += ["--device", "cpu", "--precision", "fp32"]  # exact sums, as in test_train's DDP test
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launch = {
-        "single": [sys.executable, "-m", "omnigpt", *common, "--batch-size", "8"],
-        "ddp": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-        + ["-m", "omnigpt", *common, "--batch-size", "4"],
-    }
-    for name, cmd in launch.items():
-        run = subprocess.run(
-            [*cmd, "--out", str(tmp_path / name)], env=env, capture_output=True, text=True
-        )
-        assert run.returncode == 0, run.stderr
+    single_and_two_process_runs(common, tmp_path, batch_size=8)
     a, b = losses(tmp_path / "single"), losses(tmp_path / "ddp")
     assert a.keys() == b.keys() and len(a) == 6
     for step in a:

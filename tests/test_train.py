@@ -1,7 +1,5 @@
 import json
 import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -15,7 +13,7 @@ from omnigpt.errors import OmnigptError
 from omnigpt.model import GPT
 from omnigpt.tokenizer import Tokenizer
 from omnigpt.train import Dist, fit, lr_factor, pretrain
-from tests.conftest import CORPUS
+from tests.conftest import CORPUS, single_and_two_process_runs
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32)
 
@@ -270,43 +268,7 @@ def test_two_process_ddp_matches_single_process(tmp_path, data_dir):
     ]
     common += ["--lr", "3e-3", "--warmup-steps", "2", "--no-progress", "--device", "cpu"]
     common += ["--precision", "fp32"]  # exact sums: bf16 rounds each process's half differently
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "omnigpt",
-            *common,
-            "--batch-size",
-            "8",
-            "--out",
-            str(tmp_path / "single"),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert single.returncode == 0, single.stderr
-    ddp = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "-m",
-            "omnigpt",
-            *common,
-            "--batch-size",
-            "4",
-            "--out",
-            str(tmp_path / "ddp"),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert ddp.returncode == 0, ddp.stderr
+    single_and_two_process_runs(common, tmp_path, batch_size=8)
     a, b = losses(tmp_path / "single"), losses(tmp_path / "ddp")
     assert a.keys() == b.keys() and len(a) >= 2
     for step in a:
