@@ -17,7 +17,10 @@ def test_compiled_training_matches_eager(tmp_path, corpus_file):
     model_cfg = dict(n_layer=2, n_head=2, n_embd=32, block_size=32)
     results = {}
     for compiled in (False, True):
-        cfg = TrainConfig(batch_size=8, max_steps=20, eval_interval=100, compile=compiled)
+        # fp32: compiled bf16 kernels round differently from eager ones, beyond these tolerances
+        cfg = TrainConfig(
+            batch_size=8, max_steps=20, eval_interval=100, compile=compiled, precision="fp32"
+        )
         run = tmp_path / f"run-{compiled}"
         results[compiled] = pretrain(
             tmp_path / "data", run, ModelConfig(**model_cfg), cfg, progress=False
