@@ -21,7 +21,13 @@ CPU = torch.device("cpu")
 def fake_cpu(monkeypatch):
     """Makes the machine look like a given CPU: fake_cpu("AVX2"), fake_cpu("AVX512", amx=True)."""
 
-    def fake(capability: str, amx: bool = False, bf16_faster: bool = True, arch: str = "x86_64"):
+    def fake(
+        capability: str,
+        amx: bool = False,
+        avx512_bf16: bool = False,
+        bf16_faster: bool = True,
+        arch: str = "x86_64",
+    ):
         probes = []
 
         def probe() -> bool:
@@ -31,7 +37,7 @@ def fake_cpu(monkeypatch):
         monkeypatch.setattr(hardware, "cpu_capability", lambda: capability)
         monkeypatch.setattr(hardware.platform, "machine", lambda: arch)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
-        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
         monkeypatch.setattr(hardware, "bf16_matmul_is_faster", probe)
         hardware.cpu_bf16_native.cache_clear()
         monkeypatch.setattr(hardware, "_warned", set())
@@ -49,16 +55,30 @@ def test_auto_is_fp32_on_a_cpu_without_native_bf16(fake_cpu):
 
 
 def test_auto_is_bf16_where_the_cpu_has_amx(fake_cpu):
-    probes = fake_cpu("AVX512", amx=True)
-    assert hardware.resolve_precision("auto", CPU) == "bf16"
+    probes = fake_cpu("AVX512", amx=True, avx512_bf16=True)
     assert hardware.resolve_precision("auto", CPU) == "bf16"
     assert hardware.matmul_dtype(CPU) == torch.bfloat16
-    assert probes == [1]  # confirmed once by the measured probe, then remembered
+    assert probes == []  # AMX settles it
 
 
-def test_the_probe_overrules_instructions_that_are_not_faster(fake_cpu):
-    fake_cpu("AVX512", amx=True, bf16_faster=False)
+def test_the_probe_decides_for_avx512_bf16_without_amx(fake_cpu):
+    probes = fake_cpu("AVX512", avx512_bf16=True, bf16_faster=False)
     assert hardware.resolve_precision("auto", CPU) == "fp32"
+    probes = fake_cpu("AVX512", avx512_bf16=True, bf16_faster=True)
+    assert hardware.resolve_precision("auto", CPU) == "bf16"
+    assert hardware.resolve_precision("auto", CPU) == "bf16"
+    assert probes == [1]  # measured once, then remembered
+
+
+def test_avx2_kernels_mean_fp32_even_on_a_cpu_with_amx(fake_cpu):
+    probes = fake_cpu("AVX2", amx=True)  # ATen held to AVX2 (ATEN_CPU_CAPABILITY=avx2)
+    assert hardware.resolve_precision("auto", CPU) == "fp32" and probes == []
+
+
+def test_the_probe_runs_on_one_thread_and_restores_the_threads():
+    threads = torch.get_num_threads()
+    assert isinstance(hardware.bf16_matmul_is_faster(), bool)
+    assert torch.get_num_threads() == threads
 
 
 def test_an_avx512_cpu_without_bf16_instructions_is_fp32(fake_cpu):

@@ -8,8 +8,8 @@ bf16 halves memory traffic and, where the hardware multiplies bf16 natively (CUD
 x86 CPUs with AMX or AVX-512 BF16), runs matmuls several times faster than fp32. A CPU without those
 instructions (AVX2 only, e.g. AMD Zen 3) emulates bf16 matmuls about 100× slower than fp32, so there
 `auto` means fp32, and an explicit `bf16` still works but says once, on stderr, that it will be slow.
-On x86 the decision follows what the CPU reports; where that is ambiguous (a CPU that reports the
-instructions, other architectures) a short measured probe (a few milliseconds) confirms it.
+On x86 the decision follows what the CPU reports: AMX settles it; where the report is ambiguous
+(AVX-512 BF16 without AMX, other architectures) a short measured probe (milliseconds) decides.
 """
 
 from __future__ import annotations
@@ -36,16 +36,18 @@ def cpu_capability() -> str:
 
 
 def cpu_has_bf16_instructions() -> bool | None:
-    """True/False where the CPU says whether it multiplies bf16 natively (x86: AMX or AVX-512 BF16
-    while ATen runs AVX-512 kernels); None where it does not say (other architectures)."""
+    """What the CPU reports: True for AMX, False without AVX-512 BF16 (or where ATen does not run
+    AVX-512 kernels), None where the report leaves it open (AVX-512 BF16 alone, other architectures)."""
     if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
         return None
     if not cpu_capability().startswith("AVX512"):
         return False
-    return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    if torch.cpu._is_amx_tile_supported():
+        return True
+    return None if torch.cpu._is_avx512_bf16_supported() else False
 
 
-def _matmul_seconds(dtype: torch.dtype, n: int = PROBE_SIZE, repeats: int = 3) -> float:
+def _matmul_seconds(dtype: torch.dtype, n: int = PROBE_SIZE, repeats: int = 5) -> float:
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     a @ b  # warm-up: first-call dispatch and kernel selection
     best = float("inf")
@@ -57,16 +59,22 @@ def _matmul_seconds(dtype: torch.dtype, n: int = PROBE_SIZE, repeats: int = 3) -
 
 
 def bf16_matmul_is_faster() -> bool:
-    """The measured probe: a bf16 matmul on the CPU beats the fp32 one by a clear margin."""
-    return _matmul_seconds(torch.bfloat16) < PROBE_MARGIN * _matmul_seconds(torch.float32)
+    """The measured probe: a bf16 matmul on the CPU beats the fp32 one by a clear margin. It runs on
+    one thread: a multi-threaded matmul this small stalls for milliseconds whenever the other cores
+    are busy, which would swamp the comparison."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _matmul_seconds(torch.bfloat16) < PROBE_MARGIN * _matmul_seconds(torch.float32)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @functools.cache
 def cpu_bf16_native() -> bool:
     """Whether this CPU runs bf16 matmuls natively and faster than fp32 (decided once per process)."""
-    if cpu_has_bf16_instructions() is False:
-        return False
-    return bf16_matmul_is_faster()
+    reported = cpu_has_bf16_instructions()
+    return reported if reported is not None else bf16_matmul_is_faster()
 
 
 def bf16_native(device: torch.device) -> bool:
