@@ -75,9 +75,17 @@ def test_avx2_kernels_mean_fp32_even_on_a_cpu_with_amx(fake_cpu):
     assert hardware.resolve_precision("auto", CPU) == "fp32" and probes == []
 
 
-def test_the_probe_runs_on_one_thread_and_restores_the_threads():
-    threads = torch.get_num_threads()
+def test_the_probe_runs_on_one_thread_and_restores_the_threads(monkeypatch):
+    threads, seen = torch.get_num_threads(), []
+    timed = hardware._matmul_seconds
+
+    def recording(dtype):
+        seen.append(torch.get_num_threads())
+        return timed(dtype)
+
+    monkeypatch.setattr(hardware, "_matmul_seconds", recording)
     assert isinstance(hardware.bf16_matmul_is_faster(), bool)
+    assert seen == [1, 1]  # bf16, then fp32, each on one thread
     assert torch.get_num_threads() == threads
 
 

@@ -1,6 +1,6 @@
 """What the machine computes fast: the precision `auto` picks, and a description of the machine.
 
-    resolve_precision("auto", torch.device("cpu"))  # "bf16" on CPUs with AMX / AVX-512 BF16, else "fp32"
+    resolve_precision("auto", torch.device("cpu"))  # "bf16" with AMX (or where a probe finds it faster)
     with autocast(device, "auto"): ...              # bf16 autocast only where bf16 is native
     machine_info()                                  # CPU model, capability, cores, torch: for benchmarks
 
