@@ -14,12 +14,8 @@ import resource
 import time
 from pathlib import Path
 
-import torch
-
-from omnigpt.chat import read_records
-from omnigpt.checkpoint import save_checkpoint
-from omnigpt.config import ModelConfig, TrainConfig
-from omnigpt.finetune import FinetuneConfig, finetune, new_model
+from omnigpt.config import FinetuneConfig, ModelConfig, TrainConfig
+from omnigpt.finetune import finetune, save_new_model
 
 
 def cpu_seconds() -> float:
@@ -40,10 +36,8 @@ def build_init(
     """A model built from nothing for the records in `train`: a decoder of "layers,heads,width", a
     character tokenizer and the encoders named by spec (`vision=`, `audio=`), saved as out/init."""
     layers, heads, width = (int(v) for v in decoder.split(","))
-    torch.manual_seed(seed)
     shape = ModelConfig(n_layer=layers, n_head=heads, n_embd=width, block_size=block_size)
-    model, tokenizer = new_model(read_records(train), shape, "char", **encoders)
-    save_checkpoint(out / "init", model, tokenizer)
+    save_new_model(train, out / "init", shape, "char", seed=seed, **encoders)
     return out / "init"
 
 

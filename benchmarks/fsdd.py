@@ -41,11 +41,11 @@ import soundfile
 import torch
 from common import build_init, timed, train_in_stages
 
-from omnigpt.chat import read_records
 from omnigpt.evaluate import evaluate
+from omnigpt.examples import read_records
 from omnigpt.generate import GenerationOptions
 from omnigpt.hardware import machine_info
-from omnigpt.hf import load_model
+from omnigpt.load import load_model
 from omnigpt.media import resample
 from omnigpt.synthetic import TRANSCRIBE_PROMPT
 

@@ -25,15 +25,14 @@ from pathlib import Path
 
 from common import timed
 
-from omnigpt.chat import read_records
-from omnigpt.config import ModelConfig, TrainConfig
+from omnigpt.config import FinetuneConfig, LoRAConfig, ModelConfig, TrainConfig
 from omnigpt.data import prepare
 from omnigpt.evaluate import evaluate
-from omnigpt.finetune import FinetuneConfig, finetune
+from omnigpt.examples import read_records
+from omnigpt.finetune import finetune
 from omnigpt.generate import GenerationOptions
 from omnigpt.hardware import machine_info
-from omnigpt.hf import load_model
-from omnigpt.lora import LoRAConfig
+from omnigpt.load import load_model
 from omnigpt.train import pretrain
 
 

@@ -16,6 +16,7 @@ JSON object with the result.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import tempfile
 import time
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from omnigpt.config import ModelConfig, TrainConfig
-from omnigpt.data import RandomWindows
+from omnigpt.data import RandomWindows, sequential_windows
 from omnigpt.hardware import machine_info, resolve_precision
 from omnigpt.model import GPT
 from omnigpt.tokenizer import Tokenizer
@@ -126,7 +127,7 @@ def main() -> None:
             model,
             tokenizer,
             batches,
-            val_tokens,
+            functools.partial(sequential_windows, val_tokens, args.block_size, args.batch_size),
             train_cfg,
             run_dir,
             setup_distributed("cpu"),

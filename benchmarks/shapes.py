@@ -26,13 +26,12 @@ from pathlib import Path
 import torch
 from common import build_init, timed, train_in_stages
 
-from omnigpt.chat import read_records
 from omnigpt.evaluate import generate_answers
+from omnigpt.examples import read_records
 from omnigpt.generate import GenerationOptions
-from omnigpt.hardware import machine_info
-from omnigpt.hf import load_model
+from omnigpt.hardware import machine_info, pick_device
+from omnigpt.load import load_model
 from omnigpt.synthetic import CAPTION_PROMPT, write_shapes
-from omnigpt.train import pick_device
 
 
 def question_kind(prompt: str) -> str:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from omnigpt.checkpoint import save_checkpoint
 from omnigpt.config import ModelConfig
+from omnigpt.examples import encode_records
 from omnigpt.model import GPT
 from omnigpt.tokenizer import Tokenizer
 
@@ -69,3 +73,55 @@ def single_and_two_process_runs(args: list[str], out_dir, batch_size: int) -> No
         text=True,
     )
     assert ddp.returncode == 0, ddp.stderr
+
+
+# -- supervised examples: a character tokenizer, string-reversal tasks and a small base model -------
+
+CONVERSATION = [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "user", "content": "What is 2+2?"},
+    {"role": "assistant", "content": "4"},
+    {"role": "user", "content": "And <|end|> 3+3?"},
+    {"role": "assistant", "content": "6, of course."},
+]
+
+
+@pytest.fixture
+def tok() -> Tokenizer:
+    return Tokenizer.train_char(["abcdefghijklmnopqrstuvwxyz0123456789 =+?,.<>|AW"])
+
+
+def write_jsonl(path, records) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def reversal_examples(tok, n=12, seed=0):
+    """`n` records reversing 2-7 letter strings ("abc=" → "cba"), and their encoded examples."""
+    rng = random.Random(seed)
+    records = []
+    for _ in range(n):
+        s = "".join(rng.choice("abcdef") for _ in range(rng.randint(2, 7)))
+        records.append({"prompt": s + "=", "completion": s[::-1]})
+    return records, encode_records(tok, records, 40)[0]
+
+
+@pytest.fixture
+def base_dir(tmp_path, tok):
+    torch.manual_seed(0)
+    model = GPT(
+        ModelConfig(vocab_size=tok.vocab_size, block_size=48, n_layer=2, n_head=2, n_embd=48)
+    )
+    save_checkpoint(tmp_path / "base", model, tok)
+    return tmp_path / "base"
+
+
+@pytest.fixture
+def task_files(tmp_path, tok):
+    train, _ = reversal_examples(tok, 400, seed=1)
+    val, _ = reversal_examples(tok, 40, seed=2)
+    write_jsonl(tmp_path / "train.jsonl", train)
+    write_jsonl(tmp_path / "val.jsonl", val)
+    return tmp_path / "train.jsonl", tmp_path / "val.jsonl"
+
+
+QUICK = dict(batch_size=16, max_steps=8, eval_interval=4, warmup_steps=2, lr=1e-2, log_interval=1)

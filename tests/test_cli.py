@@ -430,29 +430,10 @@ def test_chat_streams_replies_and_keeps_history(trained_run, tmp_path):
     assert session.stdout.endswith("\n")  # each reply ends its line
 
 
-def test_chat_history_drops_oldest_turns_to_fit():
-    from omnigpt.chat import fit_history, render_conversation
-    from omnigpt.tokenizer import Tokenizer
-
-    tok = Tokenizer.train_char([CORPUS])
-    system = [{"role": "system", "content": "be brief"}]
-    history = []
-    for i in range(6):
-        history += [
-            {"role": "user", "content": f"question {i}"},
-            {"role": "assistant", "content": f"answer {i}"},
-        ]
-    history.append({"role": "user", "content": "last"})
-    kept, dropped = fit_history(tok, system, history, budget=60)
-    assert dropped > 0 and kept[-1]["content"] == "last" and kept[0]["role"] == "user"
-    assert len(render_conversation(tok, system + kept)) <= 60
-    assert kept == history[dropped:]
-
-
 def test_multimodal_commands_end_to_end(tmp_path, capsys, monkeypatch):
     from omnigpt.evaluate import generate_answers
     from omnigpt.generate import GenerationOptions
-    from omnigpt.hf import load_model
+    from omnigpt.load import load_model
 
     monkeypatch.chdir(tmp_path)
     assert main(["make-data", "shapes", "keypad", "--out", "media", "-n", "8", "--seed", "1"]) == 0

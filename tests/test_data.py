@@ -6,8 +6,7 @@ import torch
 
 from omnigpt.data import RandomWindows, load_tokens, prepare, sequential_windows, stdlib_corpus
 from omnigpt.errors import OmnigptError
-from omnigpt.model import IGNORE_INDEX
-from omnigpt.tokenizer import Tokenizer
+from omnigpt.tokenizer import IGNORE_INDEX, Tokenizer
 from tests.conftest import CORPUS
 
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
 
 from omnigpt import hardware
 from omnigpt.config import ModelConfig, TrainConfig
-from omnigpt.data import RandomWindows
+from omnigpt.data import RandomWindows, sequential_windows
 from omnigpt.model import GPT
 from omnigpt.muon import Muon, orthogonalise
 from omnigpt.train import Dist, fit, padded_vocab
@@ -126,7 +128,7 @@ def test_a_bf16_run_on_an_emulating_cpu_warns_once(fake_cpu, capsys, tmp_path, c
         model,
         char_tokenizer,
         RandomWindows(tokens, 16, 2, seed=0),
-        tokens[:200],
+        functools.partial(sequential_windows, tokens[:200], 16, 2, cfg.eval_batches),
         cfg,
         tmp_path,
         Dist(),

@@ -11,7 +11,8 @@ from omnigpt.cli import main
 from omnigpt.config import ModelConfig
 from omnigpt.errors import OmnigptError
 from omnigpt.generate import GenerationOptions, generate_tokens
-from omnigpt.hf import export_hf, load_model
+from omnigpt.hf import export_hf
+from omnigpt.load import load_model
 from omnigpt.model import GPT
 from omnigpt.tokenizer import Tokenizer
 from tests.conftest import CORPUS

@@ -4,7 +4,8 @@ import torch
 from omnigpt.config import ModelConfig
 from omnigpt.errors import OmnigptError
 from omnigpt.generate import left_pad
-from omnigpt.model import GPT, IGNORE_INDEX
+from omnigpt.model import GPT
+from omnigpt.tokenizer import IGNORE_INDEX
 from tests.conftest import tiny_model
 
 VARIANTS = [

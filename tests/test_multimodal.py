@@ -1,5 +1,4 @@
 import dataclasses
-import math
 
 import numpy as np
 import pytest
@@ -7,7 +6,6 @@ import torch
 
 from omnigpt.config import AudioConfig, VisionConfig
 from omnigpt.errors import OmnigptError
-from omnigpt.media import load_audio, load_image, log_mel, resample
 from omnigpt.model.audio import AudioEncoder, spec_augment
 from omnigpt.model.fusion import Projector, pixel_shuffle, splice, stack_frames
 from omnigpt.model.vision import VisionEncoder
@@ -27,21 +25,6 @@ AUDIO = AudioConfig(
 
 
 # -- images ---------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("suffix", ["png", "jpg", "bmp"])
-def test_images_of_any_size_and_format_become_encoder_tokens(tmp_path, suffix):
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    path = tmp_path / f"img.{suffix}"
-    Image.fromarray(rng.integers(0, 255, (37, 50, 3), dtype=np.uint8)).save(path)
-    image = load_image(path, VISION.image_size)
-    assert image.shape == (3, 32, 32) and -1.0 <= image.min() and image.max() <= 1.0
-    features = VisionEncoder(VISION)(image[None])
-    assert features.shape == (1, VISION.grid**2, 16)
-    tokens = Projector(16, 48, reduce=VISION.shuffle**2)(pixel_shuffle(features, VISION.shuffle))
-    assert tokens.shape == (1, VISION.tokens, 48) and VISION.tokens == 4
 
 
 def test_a_conv_stem_gives_the_patch_stems_features_and_checks_its_patch_size():
@@ -70,56 +53,7 @@ def test_pixel_shuffle_groups_neighbouring_patches():
     assert merged[0].tolist() == [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]]
 
 
-def test_unreadable_images_name_their_path(tmp_path):
-    bad = tmp_path / "broken.png"
-    bad.write_bytes(b"\x89PNG not really")
-    with pytest.raises(OmnigptError, match="broken.png: cannot read image"):
-        load_image(bad, 32)
-    with pytest.raises(OmnigptError, match="missing.png: image not found"):
-        load_image(tmp_path / "missing.png", 32)
-
-
 # -- audio ----------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("orig,new", [(8000, 16000), (16000, 8000), (8000, 22050), (44100, 16000)])
-def test_resampling_keeps_a_tone(orig, new):
-    seconds = 0.5
-    wave = torch.sin(2 * math.pi * 440 * torch.arange(int(orig * seconds)) / orig)
-    out = resample(wave, orig, new)
-    assert out.numel() == math.ceil(new * seconds)
-    expected = torch.sin(2 * math.pi * 440 * torch.arange(out.numel()) / new)
-    edge = new // 50  # the first and last 20 ms see the zero padding
-    assert (out - expected)[edge:-edge].abs().max() < 2e-3
-
-
-@pytest.mark.parametrize("fmt", ["WAV", "FLAC", "OGG"])
-def test_audio_files_are_read_mono_and_resampled(tmp_path, fmt):
-    import soundfile
-
-    rate = 16000
-    t = np.arange(rate // 2) / rate
-    stereo = np.stack([np.sin(2 * np.pi * 300 * t), np.sin(2 * np.pi * 300 * t)], axis=1) * 0.5
-    path = tmp_path / f"clip.{fmt.lower()}"
-    soundfile.write(path, stereo.astype(np.float32), rate, format=fmt)
-    wave = load_audio(path, AUDIO.sample_rate)
-    assert wave.ndim == 1 and wave.numel() == 4000
-    assert 0.3 < wave.abs().max() < 0.7
-
-
-def test_unreadable_audio_names_its_path(tmp_path):
-    bad = tmp_path / "noise.wav"
-    bad.write_bytes(b"RIFF\x00\x00junk")
-    with pytest.raises(OmnigptError, match="noise.wav: cannot read audio"):
-        load_audio(bad, 8000)
-
-
-def test_log_mel_frames_and_the_tone_bin():
-    wave = torch.sin(2 * math.pi * 1000 * torch.arange(8000) / 8000.0)  # 1 s at 8 kHz
-    mel = log_mel(wave, AUDIO)
-    assert mel.shape == (20, 8000 // 80 + 1)
-    # 1 kHz sits at mel 1000 of mel(4 kHz) ≈ 2146: filter ≈ 21 · 1000/2146 − 1 ≈ 9
-    assert int(mel[:, 50].argmax()) in (8, 9, 10)
 
 
 def test_audio_encoder_lengths_and_padding_do_not_change_features():
@@ -292,42 +226,6 @@ def test_keypad_clips_hold_the_digits_they_name():
 # -- placeholders in examples ---------------------------------------------------------------------
 
 
-def test_placeholders_expand_to_each_media_token_count():
-    from omnigpt.chat import render, with_placeholders
-    from omnigpt.model import IGNORE_INDEX
-    from omnigpt.tokenizer import AUDIO as AUDIO_TOKEN
-    from omnigpt.tokenizer import IMAGE, Tokenizer
-
-    tok = Tokenizer.train_char(["what is here? a red circle, 4 1 7"])
-    image_id, audio_id = tok.token_id(IMAGE), tok.token_id(AUDIO_TOKEN)
-    record = {"prompt": f"what is here? {IMAGE} and {IMAGE}", "completion": "a red circle"}
-    r = render(tok, record, {IMAGE: [4, 4]})
-    assert r.ids.count(image_id) == 8 and r.ids.index(image_id) == len("what is here? ")
-    assert all(lab == IGNORE_INDEX for i, lab in zip(r.ids, r.labels, strict=True) if i == image_id)
-    # without media, a typed placeholder is just text
-    assert image_id not in render(tok, record).ids
-    with pytest.raises(OmnigptError, match="more <\\|image\\|> placeholders than media"):
-        render(tok, record, {IMAGE: [4]})
-    with pytest.raises(OmnigptError, match="1 <\\|image\\|> placeholders for 2 media"):
-        render(tok, {"prompt": IMAGE, "completion": "x"}, {IMAGE: [4, 4]})
-
-    plain = {
-        "messages": [
-            {"role": "user", "content": "what?"},
-            {"role": "assistant", "content": "4 1 7"},
-        ]
-    }
-    added = with_placeholders(plain, {AUDIO_TOKEN: 1})
-    assert (
-        added["messages"][0]["content"] == AUDIO_TOKEN + "what?"
-        and plain["messages"][0]["content"] == "what?"
-    )
-    assert render(tok, added, {AUDIO_TOKEN: [5]}).ids.count(audio_id) == 5
-    assert with_placeholders(record, {IMAGE: 2}) is record
-    with pytest.raises(OmnigptError, match="2 <\\|image\\|> placeholder\\(s\\) in the text for 3"):
-        with_placeholders(record, {IMAGE: 3})
-
-
 def test_multimodal_checkpoints_round_trip(tmp_path):
     from omnigpt.checkpoint import load_checkpoint, save_checkpoint
     from omnigpt.model.fusion import MultimodalGPT
@@ -349,8 +247,8 @@ def test_multimodal_checkpoints_round_trip(tmp_path):
 
 def test_alignment_trains_the_projector_and_leaves_the_decoder_untouched(tmp_path):
     from omnigpt.checkpoint import load_checkpoint, save_checkpoint
-    from omnigpt.config import ModelConfig, TrainConfig
-    from omnigpt.finetune import FinetuneConfig, finetune
+    from omnigpt.config import FinetuneConfig, ModelConfig, TrainConfig
+    from omnigpt.finetune import finetune
     from omnigpt.model import GPT
     from omnigpt.model.fusion import MultimodalGPT
     from omnigpt.synthetic import CAPTION_PROMPT, COLOURS, SHAPES, write_shapes
@@ -392,8 +290,8 @@ def test_alignment_trains_the_projector_and_leaves_the_decoder_untouched(tmp_pat
 def test_builtin_datasets_evaluate_through_a_multimodal_model(tmp_path):
     import json
 
-    from omnigpt.chat import read_records
     from omnigpt.evaluate import evaluate
+    from omnigpt.examples import read_records
     from omnigpt.generate import GenerationOptions
     from omnigpt.synthetic import write_keypad, write_shapes
     from omnigpt.tokenizer import AUDIO as AUDIO_TOKEN
@@ -441,10 +339,8 @@ def test_builtin_datasets_evaluate_through_a_multimodal_model(tmp_path):
 
 
 def test_ctc_on_the_audio_encoder_adds_to_the_training_loss_only(tmp_path):
-    from omnigpt.chat import read_records
     from omnigpt.config import ModelConfig
-    from omnigpt.finetune import media_loader, tokenize_records
-    from omnigpt.media import collate_media
+    from omnigpt.examples import collate_media, encode_records, media_loader, read_records
     from omnigpt.model import GPT
     from omnigpt.model.fusion import MultimodalGPT
     from omnigpt.synthetic import write_keypad
@@ -481,7 +377,7 @@ def test_ctc_on_the_audio_encoder_adds_to_the_training_loss_only(tmp_path):
     audio = dataclasses.replace(AUDIO, max_seconds=1.0)
     gpt = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=32))
     model = MultimodalGPT(gpt, None, audio, image_id=2, audio_id=3)
-    examples, _ = tokenize_records(tok, records, 64, media_loader=media_loader(model, tmp_path))
+    examples, _ = encode_records(tok, records, 64, loader=media_loader(model, tmp_path))
     assert [tok.decode(e[2]["transcript"]) for e in examples] == [r["completion"] for r in records]
 
 
@@ -530,9 +426,9 @@ def test_attached_encoders_leave_text_alone_and_keep_the_other_modality():
 
 def test_staged_training_aligns_new_encoders_then_tunes_with_lora(tmp_path):
     from omnigpt.checkpoint import load_checkpoint, save_checkpoint
-    from omnigpt.config import ModelConfig, TrainConfig
-    from omnigpt.finetune import FinetuneConfig, finetune, prepare_model
-    from omnigpt.hf import load_model
+    from omnigpt.config import FinetuneConfig, ModelConfig, TrainConfig
+    from omnigpt.finetune import finetune, prepare_model
+    from omnigpt.load import load_model
     from omnigpt.lora import has_lora
     from omnigpt.model import GPT
     from omnigpt.model.fusion import MultimodalGPT
@@ -578,11 +474,11 @@ def test_staged_training_aligns_new_encoders_then_tunes_with_lora(tmp_path):
 def _learn(tmp_path, stages, vision=None, audio=None, block_size=64):
     """A model built from nothing, trained on each (JSONL, steps) stage in turn, as the staged
     recipe does: easy examples first. Returns it and its tokenizer."""
-    from omnigpt.chat import read_records
     from omnigpt.checkpoint import save_checkpoint
-    from omnigpt.config import ModelConfig, TrainConfig
-    from omnigpt.finetune import FinetuneConfig, finetune, new_model
-    from omnigpt.hf import load_model
+    from omnigpt.config import FinetuneConfig, ModelConfig, TrainConfig
+    from omnigpt.examples import read_records
+    from omnigpt.finetune import finetune, new_model
+    from omnigpt.load import load_model
 
     torch.manual_seed(0)
     shape = ModelConfig(n_layer=2, n_head=4, n_embd=64, block_size=block_size)
@@ -604,8 +500,8 @@ def _learn(tmp_path, stages, vision=None, audio=None, block_size=64):
 
 
 def _answers(model, tok, data, ctc_weight=0.0):
-    from omnigpt.chat import read_records
     from omnigpt.evaluate import generate_answers
+    from omnigpt.examples import read_records
     from omnigpt.generate import GenerationOptions
 
     records = read_records(data)

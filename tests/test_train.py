@@ -1,3 +1,4 @@
+import functools
 import json
 import os
 from types import SimpleNamespace
@@ -8,7 +9,7 @@ import torch
 
 from omnigpt.checkpoint import load_checkpoint, save_checkpoint
 from omnigpt.config import ModelConfig, TrainConfig
-from omnigpt.data import RandomWindows, prepare
+from omnigpt.data import RandomWindows, prepare, sequential_windows
 from omnigpt.errors import OmnigptError
 from omnigpt.model import GPT
 from omnigpt.tokenizer import Tokenizer
@@ -84,9 +85,8 @@ def _run(run_dir, tokens, tok, cfg, resume=False, interrupt_after_batches=None):
             return draw()
 
         batches.next_batch = next_batch
-    return fit(
-        model, tok, batches, tokens[:500], cfg, run_dir, Dist(), resume=resume, progress=False
-    )
+    val = functools.partial(sequential_windows, tokens[:500], 32, cfg.batch_size, cfg.eval_batches)
+    return fit(model, tok, batches, val, cfg, run_dir, Dist(), resume=resume, progress=False)
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
@@ -152,7 +152,9 @@ def test_gradient_accumulation_equals_a_big_batch(tmp_path, char_tokenizer):
             model,
             char_tokenizer,
             batches,
-            tokens[:300],
+            functools.partial(
+                sequential_windows, tokens[:300], 32, cfg.batch_size, cfg.eval_batches
+            ),
             cfg,
             tmp_path / name,
             Dist(),
@@ -235,9 +237,8 @@ def test_time_budget_stops_training(tmp_path, char_tokenizer, monkeypatch):
         eval_interval=10**6,
         log_interval=1,
     )
-    result = fit(
-        model, char_tokenizer, batches, tokens[:300], cfg, tmp_path, Dist(), progress=False
-    )
+    val = functools.partial(sequential_windows, tokens[:300], 32, 4, cfg.eval_batches)
+    result = fit(model, char_tokenizer, batches, val, cfg, tmp_path, Dist(), progress=False)
     assert result.stopped_by == "max_seconds"
     assert result.steps == 4 and result.seconds == 1.0
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]

@@ -1,236 +1,42 @@
-"""Supervised examples: reading fine-tuning JSONL, and the chat template that renders it to tokens.
+"""A chat session: one conversation with a model, driven by any front end (the terminal today).
 
-Two record kinds, one per line:
+    session = ChatSession(model, tokenizer, GenerationOptions(temperature=0.7), system="Be brief.")
+    dropped = session.add_user(parse_message("/image cat.png What is this?"))
+    reply = session.reply(on_text=print)          # streamed piece by piece, then returned whole
+    session.reset()                               # a new conversation, same system prompt
 
-    {"prompt": "Translate: a dog", "completion": "ein Hund"}
-    {"messages": [{"role": "system", "content": "..."}, {"role": "user", "content": "..."},
-                  {"role": "assistant", "content": "..."}, ...]}
-
-A prompt/completion record renders as `prompt completion <|endoftext|>`. A conversation renders each
-turn as a role token, its content and `<|end|>`:
-
-    <|system|>Be brief.<|end|><|user|>Hi<|end|><|assistant|>Hello!<|end|>
-
-Training targets (`labels`) are the completion and `<|endoftext|>`, or each assistant turn's content and
-its `<|end|>`; everything else is IGNORE_INDEX. Text inside content is encoded as text: a literal
-"<|end|>" typed by a user stays characters, it never becomes the control token.
+The session keeps the history, reads the images and audio a message names, keeps the conversation
+within the model's context (the oldest turns go first; the system prompt and the last message
+stay), and decodes on the KV cache until `<|end|>`. A front end only reads input and shows output.
 """
 
 from __future__ import annotations
 
-import json
-import re
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 from omnigpt.errors import OmnigptError
-from omnigpt.model import IGNORE_INDEX
-from omnigpt.tokenizer import ASSISTANT, AUDIO, END_OF_TURN, EOT, IMAGE, SYSTEM, USER, Tokenizer
+from omnigpt.examples import collate_media, encode_prompt, media_loader
+from omnigpt.generate import GenerationOptions, generate_tokens
+from omnigpt.model import GPT
+from omnigpt.model.fusion import MultimodalGPT
+from omnigpt.template import Message, render_conversation, stop_ids
+from omnigpt.tokenizer import AUDIO, IMAGE, Tokenizer
 
-ROLES = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
-_PLACEHOLDER = re.compile(f"({re.escape(IMAGE)}|{re.escape(AUDIO)})")
-Message = dict[str, str]
-
-
-# -- reading and checking records -----------------------------------------------------------------
-
-
-def check_record(record: object) -> str | None:
-    """Why `record` is not a valid fine-tuning example, or None when it is."""
-    if not isinstance(record, dict):
-        return "a line must be a JSON object"
-    if "messages" in record:
-        messages = record["messages"]
-        if not isinstance(messages, list) or not messages:
-            return "'messages' must be a non-empty list"
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-                return f"message {i + 1} needs a string 'content'"
-            if m.get("role") not in ROLES:
-                return f"message {i + 1} has unknown role {m.get('role')!r} (use system, user or assistant)"
-            if m["role"] == "system" and i > 0:
-                return f"message {i + 1}: a system message may only come first"
-        assistant = [m for m in messages if m["role"] == "assistant"]
-        if not assistant:
-            return "no assistant message to learn from"
-        if any(not m["content"].strip() for m in assistant):
-            return "empty assistant message"
-        return None
-    if "prompt" in record or "completion" in record:
-        if not isinstance(record.get("prompt"), str):
-            return "'prompt' must be a string"
-        if not isinstance(record.get("completion"), str):
-            return "'completion' must be a string"
-        if not record["completion"].strip():
-            return "empty completion"
-        return None
-    return "expected 'prompt' and 'completion', or 'messages'"
+MEDIA_COMMANDS = {"/image": ("image", IMAGE), "/audio": ("audio", AUDIO)}
 
 
-def read_records(path: str | Path, max_reported: int = 5) -> list[dict]:
-    """Every record of a JSONL file, checked; all bad lines are reported together by line number.
-    Each record remembers its line number under "_line"."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise OmnigptError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise OmnigptError(f"{path}: cannot read ({e})") from None
-    records, bad = [], []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            bad.append(f"line {lineno}: malformed JSON ({e.msg} at column {e.colno})")
-            continue
-        problem = check_record(record)
-        if problem:
-            bad.append(f"line {lineno}: {problem}")
-        else:
-            record["_line"] = lineno  # where it came from, for messages about its media
-            records.append(record)
-    if bad:
-        more = f"; and {len(bad) - max_reported} more" if len(bad) > max_reported else ""
-        raise OmnigptError(
-            f"{path}: {len(bad)} bad line(s): " + "; ".join(bad[:max_reported]) + more
-        )
-    if not records:
-        raise OmnigptError(f"{path}: no examples")
-    return records
-
-
-# -- rendering ------------------------------------------------------------------------------------
-
-
-@dataclass
-class Rendered:
-    ids: list[int]
-    labels: list[int]  # ids where the token is a training target, IGNORE_INDEX elsewhere
-
-
-def _special(tokenizer: Tokenizer, token: str) -> int:
-    i = tokenizer.token_id(token)
-    if i is None:
-        raise OmnigptError(
-            f"the tokenizer has no {token} token; fine-tuning needs a tokenizer trained by omnigpt "
-            "or one with the chat tokens added"
-        )
-    return i
-
-
-MediaCounts = dict[
-    str, list[int]
-]  # placeholder ("<|image|>") → tokens of each of its media, in order
-
-
-def _encode(
-    tokenizer: Tokenizer, text: str, media: MediaCounts | None, used: dict[str, int]
-) -> list[int]:
-    """Text as tokens. With `media`, each `<|image|>` / `<|audio|>` becomes as many placeholder ids
-    as its image or clip has tokens; without, they stay plain text like any other characters."""
-    if not media:
-        return tokenizer.encode(text, allow_special=False)
-    ids: list[int] = []
-    for piece in _PLACEHOLDER.split(text):
-        if piece in media:
-            i = used.get(piece, 0)
-            if i >= len(media[piece]):
-                raise OmnigptError(f"more {piece} placeholders than media ({len(media[piece])})")
-            ids += [_special(tokenizer, piece)] * media[piece][i]
-            used[piece] = i + 1
-        elif piece:
-            ids += tokenizer.encode(piece, allow_special=False)
-    return ids
-
-
-def _check_all_used(media: MediaCounts | None, used: dict[str, int]) -> None:
-    for token, counts in (media or {}).items():
-        if used.get(token, 0) != len(counts):
-            raise OmnigptError(f"{used.get(token, 0)} {token} placeholders for {len(counts)} media")
-
-
-def render(tokenizer: Tokenizer, record: dict, media: MediaCounts | None = None) -> Rendered:
-    """Tokens and training labels of a checked record (see the module docstring for the layout).
-
-    `media` gives, per placeholder kind, the token count of each of the record's images or clips;
-    the record's placeholders are expanded to those counts (see `with_placeholders`)."""
-    used: dict[str, int] = {}
-    if "messages" not in record:
-        prompt = _encode(tokenizer, record["prompt"], media, used)
-        completion = _encode(tokenizer, record["completion"], media, used)
-        _check_all_used(media, used)
-        completion.append(_special(tokenizer, EOT))
-        return Rendered(prompt + completion, [IGNORE_INDEX] * len(prompt) + completion)
-    ids: list[int] = []
-    labels: list[int] = []
-    end = _special(tokenizer, END_OF_TURN)
-    for m in record["messages"]:
-        head = [_special(tokenizer, ROLES[m["role"]])]
-        body = _encode(tokenizer, m["content"], media, used) + [end]
-        ids += head + body
-        labels += [IGNORE_INDEX] * len(head)
-        labels += body if m["role"] == "assistant" else [IGNORE_INDEX] * len(body)
-    _check_all_used(media, used)
-    return Rendered(ids, labels)
-
-
-def with_placeholders(record: dict, counts: dict[str, int]) -> dict:
-    """The record with `counts[placeholder]` placeholders of each kind: as written when the text has
-    exactly that many, else added at the start of the prompt (or first user message) when it has
-    none. Raises on any other number."""
-    texts = (
-        [record["prompt"]]
-        if "messages" not in record
-        else [m["content"] for m in record["messages"]]
-    )
-    missing = ""
-    for token, n in counts.items():
-        written = sum(t.count(token) for t in texts)
-        if written == 0:
-            missing += token * n
-        elif written != n:
-            raise OmnigptError(
-                f"{written} {token} placeholder(s) in the text for {n} media file(s)"
-            )
-    if not missing:
-        return record
-    if "messages" not in record:
-        return {**record, "prompt": missing + record["prompt"]}
-    messages = [dict(m) for m in record["messages"]]
-    first_user = next((m for m in messages if m["role"] == "user"), messages[0])
-    first_user["content"] = missing + first_user["content"]
-    return {**record, "messages": messages}
-
-
-def prompt_ids(tokenizer: Tokenizer, record: dict, media: MediaCounts | None = None) -> list[int]:
-    """What a model is given to produce the record's answer: the prompt, or the conversation up to
-    its last assistant turn followed by `<|assistant|>`; with `media`, its placeholders expanded
-    (the media belong in that part)."""
-    if "messages" not in record:
-        used: dict[str, int] = {}
-        ids = _encode(tokenizer, record["prompt"], media, used)
-        _check_all_used(media, used)
-        return ids
-    messages = record["messages"]
-    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    head = render(tokenizer, {"messages": messages[:last]}, media).ids if last else []
-    return head + [_special(tokenizer, ASSISTANT)]
-
-
-def reference(record: dict) -> str:
-    """The answer a record expects: its completion, or its last assistant turn."""
-    if "messages" not in record:
-        return record["completion"]
-    return [m for m in record["messages"] if m["role"] == "assistant"][-1]["content"]
-
-
-def render_conversation(tokenizer: Tokenizer, messages: list[Message]) -> list[int]:
-    """A conversation so far, ending with the `<|assistant|>` token that asks for the next reply."""
-    ids = render(tokenizer, {"messages": messages}).ids if messages else []
-    return ids + [_special(tokenizer, ASSISTANT)]
+def parse_message(text: str) -> Message:
+    """A user's line as a message: plain text, or `/image PATH [text]` / `/audio PATH [text]`, which
+    put a file (its placeholder first) into the message."""
+    command, _, rest = text.strip().partition(" ")
+    if command not in MEDIA_COMMANDS:
+        return {"role": "user", "content": text.strip()}
+    path, _, words = rest.strip().partition(" ")
+    if not path:
+        raise OmnigptError(f"{command} needs a file path")
+    kind, placeholder = MEDIA_COMMANDS[command]
+    return {"role": "user", "content": placeholder + words.strip(), kind: path}
 
 
 def fit_history(
@@ -247,37 +53,80 @@ def fit_history(
     return history, dropped
 
 
-def stop_ids(tokenizer: Tokenizer, record: dict | None = None) -> list[int]:
-    """Tokens that end a generated answer: `<|end|>` for conversations, `<|endoftext|>` for both."""
-    ids = [tokenizer.token_id(EOT)]
-    if record is None or "messages" in record:
-        ids.append(tokenizer.token_id(END_OF_TURN))
-    return [i for i in ids if i is not None]
+class ChatSession:
+    """A conversation: `add_user` a message, then `reply`. Paths in messages are relative to
+    `base_dir`."""
 
+    def __init__(
+        self,
+        model: GPT | MultimodalGPT,
+        tokenizer: Tokenizer,
+        opts: GenerationOptions,
+        system: str | None = None,
+        base_dir: str | Path = ".",
+    ):
+        self.model, self.tokenizer, self.opts = model, tokenizer, opts
+        self.system: list[Message] = [{"role": "system", "content": system}] if system else []
+        self.history: list[Message] = []
+        self.loader = media_loader(model, base_dir)
+        self.stops = stop_ids(tokenizer)
+        block = model.config.block_size
+        # room for the longest reply, but never more than half the context
+        self.budget = block - min(opts.max_new_tokens, block // 2)
+        self._pending: tuple[list[int], dict] | None = None
 
-# -- text form ------------------------------------------------------------------------------------
+    @property
+    def sees_media(self) -> bool:
+        return self.loader is not None
 
+    def reset(self) -> None:
+        self.history, self._pending = [], None
 
-def format_chat(messages: list[Message]) -> str:
-    """The text the chat template's tokens decode to."""
-    return "".join(f"{ROLES[m['role']]}{m['content']}{END_OF_TURN}" for m in messages)
-
-
-def parse_chat(tokenizer: Tokenizer, ids: list[int]) -> list[Message]:
-    """The messages of a rendered conversation, split on the role and `<|end|>` token ids (so a
-    literal "<|end|>" inside a message is no boundary); raises on ids that are not one."""
-    by_id = {_special(tokenizer, token): role for role, token in ROLES.items()}
-    end = _special(tokenizer, END_OF_TURN)
-    messages, i = [], 0
-    while i < len(ids):
-        if ids[i] not in by_id:
-            raise OmnigptError(f"not a rendered conversation: token {i} is no role token")
-        try:
-            j = ids.index(end, i + 1)
-        except ValueError:
+    def add_user(self, message: Message) -> int:
+        """Adds a user message; returns how many of the oldest messages were dropped to keep the
+        conversation within the context. A message whose media cannot be read, or that alone is
+        too long, is refused (OmnigptError) and the conversation stays as it was."""
+        history, dropped = fit_history(
+            self.tokenizer, self.system, [*self.history, message], self.budget
+        )
+        conversation = self.system + history
+        record: dict = {"messages": [*conversation, {"role": "assistant", "content": ""}]}
+        for kind in ("image", "audio"):
+            record[kind] = [m[kind] for m in conversation if kind in m]
+        prompt, media = encode_prompt(self.tokenizer, record, self.loader)
+        if len(prompt) >= self.model.config.block_size:
             raise OmnigptError(
-                f"not a rendered conversation: turn at token {i} has no end"
-            ) from None
-        messages.append({"role": by_id[ids[i]], "content": tokenizer.decode(ids[i + 1 : j])})
-        i = j + 1
-    return messages
+                "that message is too long for the model's context of "
+                f"{self.model.config.block_size} tokens"
+            )
+        self.history, self._pending = history, (prompt, media)
+        return dropped
+
+    def reply(self, on_text: Callable[[str], None] | None = None) -> str:
+        """The model's answer to the conversation so far, added to the history; `on_text` gets it
+        piece by piece as it is generated (whole UTF-8 characters only)."""
+        if self._pending is None:
+            raise OmnigptError("nothing to reply to: add a user message first")
+        (prompt, media), self._pending = self._pending, None
+        stream = self.tokenizer.stream()
+
+        def on_step(ids: list[int]) -> None:
+            if on_text is not None and ids[0] not in self.stops:
+                on_text(stream.push(ids[0]))
+
+        device = self.model.wte.weight.device
+        inputs = {k: v.to(device) for k, v in collate_media([media]).items()} if media else {}
+        [new] = generate_tokens(
+            self.model,
+            [prompt],
+            self.opts,
+            self.stops,
+            self.tokenizer.vocab_size,
+            on_step,
+            prefill_inputs=inputs,
+        )
+        if on_text is not None:
+            on_text(stream.flush())
+        text = self.tokenizer.decode(new).strip()
+        self.history.append({"role": "assistant", "content": text})
+        return text

@@ -10,8 +10,10 @@ A checkpoint is a folder that stands on its own:
 A LoRA fine-tuning checkpoint holds `adapter.safetensors` (the adapters alone) instead of the
 weights; its config names the base model (`"base"`) and a checksum of the base weights it fits.
 
-A training run keeps two: `RUN/latest` and `RUN/best`. Every write goes to a temporary folder that is
-then swapped in by renames, so a kill mid-save leaves the previous checkpoint loadable.
+A training run keeps two: `RUN/latest` and `RUN/best`, beside `RUN/config.json` (the model, training
+and data settings `--resume` rebuilds the run from) and the tokenizer. Every write goes to a
+temporary folder that is then swapped in by renames, so a kill mid-save leaves the previous
+checkpoint loadable.
 """
 
 from __future__ import annotations
@@ -116,10 +118,6 @@ def save_checkpoint(
     atomic_write_dir(Path(folder), write)
 
 
-def load_config(path: str | Path) -> dict[str, Any]:
-    return load_json(resolve(path) / CONFIG)
-
-
 def load_checkpoint(
     path: str | Path, tokenizer_path: str | Path | None = None, device: str | torch.device = "cpu"
 ) -> tuple[GPT, Tokenizer]:
@@ -127,7 +125,7 @@ def load_checkpoint(
     folder = resolve(path)
     if is_adapter(folder):
         raise OmnigptError(
-            f"{folder}: a LoRA adapter checkpoint; load it with omnigpt.hf.load_model (base + "
+            f"{folder}: a LoRA adapter checkpoint; load it with omnigpt.load.load_model (base + "
             "adapters), or merge it first with `omnigpt convert --merge-lora`"
         )
     config = load_json(folder / CONFIG)
@@ -153,7 +151,7 @@ def load_checkpoint(
     return model.to(device).eval(), tokenizer
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except Exception as e:  # safetensors raises its own error type for truncated or corrupt files
@@ -161,11 +159,11 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_weights(model: GPT, weights_path: Path) -> None:
-    apply_state(model, _read_safetensors(weights_path), str(weights_path))
+    apply_state(model, read_safetensors(weights_path), str(weights_path))
 
 
 def read_adapter(folder: str | Path) -> dict[str, torch.Tensor]:
-    return _read_safetensors(Path(folder) / ADAPTER)
+    return read_safetensors(Path(folder) / ADAPTER)
 
 
 def apply_state(model: GPT, state: dict[str, torch.Tensor], source: str) -> None:
@@ -195,6 +193,31 @@ def apply_state(model: GPT, state: dict[str, torch.Tensor], source: str) -> None
 def _decoder_prefix(model) -> str:
     """Where the decoder's weights sit in the state dict: "gpt." inside a multimodal model."""
     return "gpt." if isinstance(model, MultimodalGPT) else ""
+
+
+# -- run folders ---------------------------------------------------------------------------------
+
+
+def open_run_folder(run_dir: Path, resume: bool) -> dict[str, Any] | None:
+    """A resumed run's saved config.json (refused when there is no latest/ to resume from); None
+    for a new run (refused when the folder already holds one, so no run is ever overwritten)."""
+    if resume:
+        if not (run_dir / "latest").is_dir():
+            raise OmnigptError(f"{run_dir}: nothing to resume (no latest/ checkpoint)")
+        return load_json(run_dir / CONFIG)
+    if (run_dir / "latest").exists() or (run_dir / "best").exists():
+        raise OmnigptError(
+            f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out"
+        )
+    return None
+
+
+def start_run_folder(run_dir: Path, config: dict[str, Any], tokenizer: Tokenizer) -> None:
+    """Creates a new run's folder with its config.json (what `--resume` rebuilds the run from) and
+    tokenizer."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_json(run_dir / CONFIG, {**config, "tokenizer_fingerprint": tokenizer.fingerprint})
+    tokenizer.save(run_dir)
 
 
 def load_trainer_state(folder: str | Path) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The `omnigpt` command line: argument parsing only; each subcommand calls one library function.
+"""The `omnigpt` command line: each subcommand parses its arguments and calls the library.
 
     omnigpt prepare corpus/ --out data/mine --tokenizer bpe:4096
     omnigpt train --data data/mine --out runs/mine --preset micro --max-seconds 600
@@ -13,14 +13,25 @@ Problems a user can fix are printed as one `omnigpt: error: ...` line with exit 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import os
 import signal
 import sys
 import time
+import types
+import typing
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Literal, Union
 
-from omnigpt.config import PRESETS, UNLIMITED_STEPS, ModelConfig, TrainConfig
+from omnigpt.config import (
+    FINETUNING_DEFAULTS,
+    PRESETS,
+    FinetuneConfig,
+    LoRAConfig,
+    ModelConfig,
+    TrainConfig,
+)
 from omnigpt.errors import OmnigptError
 from omnigpt.synthetic import CAPTION_PROMPT, TRANSCRIBE_PROMPT
 
@@ -58,8 +69,73 @@ def _prepare_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _config_flags(
+    group: argparse._ActionsContainer,
+    cls: type,
+    only: tuple[str, ...] | None = None,
+    defaults: dict[str, Any] | None = None,
+    prefix: str = "",
+    overriding: str | None = None,
+) -> None:
+    """One flag per field of the config dataclass `cls` that carries help text (see
+    `config._option`): the field's name with dashes, its type, default and help. `defaults`
+    replaces some defaults; with `overriding`, every default is None and the help says what the
+    flag overrides."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if "help" not in f.metadata or (only is not None and f.name not in only):
+            continue
+        kind = hints[f.name]
+        if typing.get_origin(kind) in (Union, types.UnionType):  # X | None
+            kind = next(k for k in typing.get_args(kind) if k is not type(None))
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = (defaults or {}).get(f.name, default)
+        help = f.metadata["help"]
+        if overriding:
+            help += f" (overrides the {overriding})"
+        elif default not in (None, False, (), {}) and "default" not in help:
+            shown = ",".join(default) if isinstance(default, tuple) else default
+            help += f" (default: {shown})".replace("%", "%%")
+        options: dict[str, Any] = {"help": help, "default": None if overriding else default}
+        if kind is bool:
+            options["action"] = "store_true"
+        elif typing.get_origin(kind) is Literal:
+            options["choices"] = typing.get_args(kind)
+        elif typing.get_origin(kind) is tuple:
+            options["type"] = _comma_list
+        else:
+            options["type"] = f.metadata.get("parse", kind)
+        if "metavar" in f.metadata:
+            options["metavar"] = f.metadata["metavar"]
+        group.add_argument("--" + (prefix + f.name).replace("_", "-"), **options)
+
+
+def _comma_list(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def _from_flags(cls: type, args: argparse.Namespace, prefix: str = "", **values: Any) -> Any:
+    """The config `cls` from the flags `_config_flags` made for it (and `values` besides)."""
+    for f in dataclasses.fields(cls):
+        if hasattr(args, prefix + f.name) and f.name not in values:
+            values[f.name] = getattr(args, prefix + f.name)
+    return cls(**values)
+
+
+MODEL_FLAGS = (
+    "n_layer",
+    "n_head",
+    "n_embd",
+    "block_size",
+    "pos_encoding",
+    "mlp",
+    "norm",
+    "dropout",
+)
+ENCODER_FLAGS = ("vision", "audio")
+
+
 def _train_args(p: argparse.ArgumentParser) -> None:
-    d = TrainConfig()
     p.add_argument(
         "--data",
         help="folder made by `omnigpt prepare` (default: the Python standard library, "
@@ -77,18 +153,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     )
     g = p.add_argument_group("model")
     g.add_argument("--preset", default="micro", help=f"model shape: {', '.join(PRESETS)}")
-    g.add_argument(
-        "--n-layer", type=int, help="number of Transformer blocks (overrides the preset)"
-    )
-    g.add_argument("--n-head", type=int, help="attention heads per block (overrides the preset)")
-    g.add_argument("--n-embd", type=int, help="model width (overrides the preset)")
-    g.add_argument("--block-size", type=int, help="context length in tokens (overrides the preset)")
-    g.add_argument(
-        "--pos-encoding", choices=["learned", "sinusoidal", "rope"], help="positional encoding"
-    )
-    g.add_argument("--mlp", choices=["gelu", "swiglu"], help="feed-forward kind")
-    g.add_argument("--norm", choices=["layernorm", "rmsnorm"], help="normalisation kind")
-    g.add_argument("--dropout", type=float, help="dropout probability (default 0)")
+    _config_flags(g, ModelConfig, MODEL_FLAGS, overriding="preset")
     g.add_argument("--untie", action="store_true", help="give the LM head its own weights")
     g = p.add_argument_group("training on JSONL examples (--data FILE.jsonl)")
     g.add_argument(
@@ -96,123 +161,12 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         default="char",
         help="char, or bpe:VOCAB_SIZE, trained on the examples' text",
     )
-    _encoder_args(g)
-    g.add_argument("--pack", action="store_true", help="pack several examples per row")
-    _optimisation_args(p, d)
-
-
-def _encoder_args(g: argparse._ArgumentGroup) -> None:
-    from omnigpt.config import ENCODER_PRESETS
-
-    presets = ", ".join(ENCODER_PRESETS)
-    g.add_argument(
-        "--vision",
-        metavar="SPEC",
-        help=f"attach a new image encoder: {presets}, optionally with overrides "
-        "(small,image_size=96,patch_size=8)",
-    )
-    g.add_argument(
-        "--audio",
-        metavar="SPEC",
-        help=f"attach a new audio encoder: {presets}, optionally with overrides "
-        "(small,sample_rate=8000,n_fft=200,hop_length=80)",
-    )
-
-
-def _optimisation_args(p: argparse.ArgumentParser, d: TrainConfig) -> None:
-    g = p.add_argument_group("optimisation")
-    g.add_argument(
-        "--batch-size", type=int, default=d.batch_size, help="sequences per micro-batch per process"
-    )
-    g.add_argument(
-        "--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step"
-    )
-    g.add_argument(
-        "--max-steps",
-        type=int,
-        help=f"stop after this many optimizer steps (default {d.max_steps}; none with --max-seconds)",
-    )
-    g.add_argument(
-        "--max-seconds",
-        type=float,
-        help="stop after this much training time (the LR schedule fits it)",
-    )
-    g.add_argument(
-        "--optimizer",
-        choices=["adamw", "muon"],
-        default=d.optimizer,
-        help="adamw, or muon (Muon for weight matrices, AdamW for the rest)",
-    )
-    g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (AdamW parameters)")
-    g.add_argument(
-        "--muon-lr", type=float, default=d.muon_lr, help="peak learning rate of Muon's matrices"
-    )
-    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear warmup steps")
-    g.add_argument(
-        "--min-lr-ratio",
-        type=float,
-        default=d.min_lr_ratio,
-        help="final LR as a fraction of the peak",
-    )
-    g.add_argument(
-        "--weight-decay", type=float, default=d.weight_decay, help="decoupled weight decay"
-    )
-    g.add_argument(
-        "--grad-clip", type=float, default=d.grad_clip, help="clip gradient norm (0: off)"
-    )
-    g.add_argument(
-        "--eval-interval",
-        type=int,
-        default=d.eval_interval,
-        help="steps between evaluations and checkpoints",
-    )
-    g.add_argument(
-        "--eval-batches",
-        type=int,
-        default=d.eval_batches,
-        help="val batches per evaluation (0: all)",
-    )
-    g.add_argument(
-        "--log-interval",
-        type=int,
-        default=d.log_interval,
-        help="steps between metrics.jsonl records",
-    )
-    g.add_argument(
-        "--early-stop-patience",
-        type=int,
-        default=d.early_stop_patience,
-        help="stop after N evaluations without improvement (0: never)",
-    )
-    g.add_argument(
-        "--seed", type=int, default=d.seed, help="random seed (data order, initialisation)"
-    )
-    g.add_argument(
-        "--lr-scale",
-        default="",
-        help="per-part learning rates: name-prefix=factor pairs, e.g. vision=0.1,image_proj=2",
-    )
-    g.add_argument("--compile", action="store_true", help="compile the model with torch.compile")
-    g.add_argument(
-        "--precision",
-        choices=["auto", "fp32", "bf16"],
-        default="auto",
-        help="auto: bf16 autocast where bf16 is native (CUDA; CPUs with AMX or AVX-512 BF16), "
-        "fp32 elsewhere; bf16 on other CPUs works but is emulated and slow",
-    )
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    _config_flags(g, FinetuneConfig, (*ENCODER_FLAGS, "pack"))
+    _config_flags(p.add_argument_group("optimisation"), TrainConfig)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-FINETUNE_DEFAULTS = TrainConfig(
-    lr=3e-4, warmup_steps=20, eval_interval=100, eval_batches=0, early_stop_patience=5
-)
-
-
 def _finetune_args(p: argparse.ArgumentParser) -> None:
-    from omnigpt.lora import DEFAULT_TARGETS, LoRAConfig
-
-    lora = LoRAConfig()
     p.add_argument(
         "--model",
         required=True,
@@ -228,64 +182,26 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
         help="JSONL of validation examples (default: hold out --val-fraction of --data)",
     )
     p.add_argument(
-        "--val-fraction", type=float, default=0.05, help="share of --data held out for validation"
-    )
-    p.add_argument(
         "--out", help="run folder for checkpoints and logs (default: runs/finetune-DATE-TIME)"
     )
     p.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its latest checkpoint"
     )
     g = p.add_argument_group("what to train")
-    g.add_argument(
-        "--method",
-        choices=["full", "partial", "lora"],
-        default="full",
-        help="full: every weight; partial: only --trainable / --last-blocks; lora: low-rank adapters",
-    )
-    g.add_argument(
-        "--trainable",
-        default="",
-        help="partial: comma-separated parameter names, prefixes or globs (e.g. h.5,ln_f,lm_head)",
-    )
-    g.add_argument(
-        "--last-blocks", type=int, default=0, help="partial: train the last N Transformer blocks"
-    )
-    g.add_argument("--lora-rank", type=int, default=lora.rank, help="LoRA rank")
-    g.add_argument("--lora-alpha", type=float, default=lora.alpha, help="LoRA scale numerator")
-    g.add_argument("--lora-dropout", type=float, default=lora.dropout, help="LoRA input dropout")
-    g.add_argument(
-        "--lora-targets",
-        default=",".join(DEFAULT_TARGETS),
-        help="comma-separated Linear layer names to adapt (c_attn, c_proj, c_fc, attn.c_proj, ...)",
-    )
+    _config_flags(g, FinetuneConfig, ("method", "trainable", "last_blocks"))
+    _config_flags(g, LoRAConfig, prefix="lora_")
     g = p.add_argument_group("examples")
-    g.add_argument(
-        "--pack",
-        action="store_true",
-        help="pack several examples per row (no attention between them) instead of padding",
-    )
-    g.add_argument(
-        "--too-long",
-        choices=["truncate", "drop"],
-        default="truncate",
-        help="examples longer than the context: cut their end, or leave them out",
-    )
-    g.add_argument(
-        "--epochs", type=float, help="passes over the training examples (sets --max-steps)"
-    )
-    g.add_argument(
-        "--skip-bad-media",
-        action="store_true",
-        help="leave out examples whose image or audio file is missing or unreadable (default: stop)",
+    _config_flags(
+        g, FinetuneConfig, ("pack", "too_long", "epochs", "val_fraction", "skip_bad_media")
     )
     g = p.add_argument_group(
         "images and audio",
         "New encoders start untrained: align them first with the decoder frozen "
         "(--method partial --trainable vision,image_proj), then tune on instructions.",
     )
-    _encoder_args(g)
-    _optimisation_args(p, FINETUNE_DEFAULTS)
+    _config_flags(g, FinetuneConfig, ENCODER_FLAGS)
+    _config_flags(p.add_argument_group("optimisation"), TrainConfig, defaults=FINETUNING_DEFAULTS)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _generate_args(p: argparse.ArgumentParser) -> None:
@@ -446,97 +362,76 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+# name: (what adds its arguments, one-line help, description)
+SUBCOMMANDS = {
+    "prepare": (
+        _prepare_args,
+        "tokenize a text corpus into train/val token files",
+        "Tokenize a text corpus into train/val token files.",
+    ),
+    "train": (
+        _train_args,
+        "pretrain a GPT on prepared data (default: Python stdlib)",
+        "Pretrain a GPT by next-token prediction.",
+    ),
+    "finetune": (
+        _finetune_args,
+        "fine-tune a model on prompt/completion or chat examples",
+        "Supervised fine-tuning: fully, only some parts, or with LoRA adapters.",
+    ),
+    "chat": (
+        _chat_args,
+        "chat with a fine-tuned model in the terminal",
+        "Interactive multi-turn chat, streaming the replies. "
+        "Type /reset to start over, /exit (or Ctrl-D) to leave.",
+    ),
+    "evaluate": (
+        _evaluate_args,
+        "score a model on JSONL examples (perplexity, BLEU, chrF, ROUGE, EM, F1, WER)",
+        "Generate an answer per example and score it; writes a per-example "
+        "predictions.jsonl beside summary.json.",
+    ),
+    "generate": (
+        _generate_args,
+        "generate text from a trained model",
+        "Generate text from a trained model, streaming to the terminal.",
+    ),
+    "caption": (
+        functools.partial(_media_args, kind="image", prompt=CAPTION_PROMPT),
+        "describe images with a model that sees",
+        "Write a caption for each image (greedy by default).",
+    ),
+    "ask": (
+        functools.partial(_media_args, kind="image", prompt=None),
+        "answer a question about an image",
+        "Answer a question about each image (greedy by default).",
+    ),
+    "transcribe": (
+        functools.partial(_media_args, kind="audio", prompt=TRANSCRIBE_PROMPT),
+        "transcribe audio with a model that hears",
+        "Transcribe each audio file: WAV, FLAC or OGG at any sample rate.",
+    ),
+    "make-data": (
+        _make_data_args,
+        "write the built-in image or audio data set (seeded, no download)",
+        "Write a built-in data set as JSONL plus PNG or WAV files.",
+    ),
+    "convert": (
+        _convert_args,
+        "convert to or from the Hugging Face GPT-2 format",
+        "Convert checkpoints to or from the Hugging Face GPT-2 format.",
+    ),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="omnigpt", description="Build, train and run GPT-style language models."
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _prepare_args(
-        sub.add_parser(
-            "prepare",
-            help="tokenize a text corpus into train/val token files",
-            description="Tokenize a text corpus into train/val token files.",
-        )
-    )
-    _train_args(
-        sub.add_parser(
-            "train",
-            help="pretrain a GPT on prepared data (default: Python stdlib)",
-            description="Pretrain a GPT by next-token prediction.",
-        )
-    )
-    _finetune_args(
-        sub.add_parser(
-            "finetune",
-            help="fine-tune a model on prompt/completion or chat examples",
-            description="Supervised fine-tuning: fully, only some parts, or with LoRA adapters.",
-        )
-    )
-    _chat_args(
-        sub.add_parser(
-            "chat",
-            help="chat with a fine-tuned model in the terminal",
-            description="Interactive multi-turn chat, streaming the replies. "
-            "Type /reset to start over, /exit (or Ctrl-D) to leave.",
-        )
-    )
-    _evaluate_args(
-        sub.add_parser(
-            "evaluate",
-            help="score a model on JSONL examples (perplexity, BLEU, chrF, ROUGE, EM, F1, WER)",
-            description="Generate an answer per example and score it; writes a per-example "
-            "predictions.jsonl beside summary.json.",
-        )
-    )
-    _generate_args(
-        sub.add_parser(
-            "generate",
-            help="generate text from a trained model",
-            description="Generate text from a trained model, streaming to the terminal.",
-        )
-    )
-    _media_args(
-        sub.add_parser(
-            "caption",
-            help="describe images with a model that sees",
-            description="Write a caption for each image (greedy by default).",
-        ),
-        "image",
-        CAPTION_PROMPT,
-    )
-    _media_args(
-        sub.add_parser(
-            "ask",
-            help="answer a question about an image",
-            description="Answer a question about each image (greedy by default).",
-        ),
-        "image",
-        None,
-    )
-    _media_args(
-        sub.add_parser(
-            "transcribe",
-            help="transcribe audio with a model that hears",
-            description="Transcribe each audio file: WAV, FLAC or OGG at any sample rate.",
-        ),
-        "audio",
-        TRANSCRIBE_PROMPT,
-    )
-    _make_data_args(
-        sub.add_parser(
-            "make-data",
-            help="write the built-in image or audio data set (seeded, no download)",
-            description="Write a built-in data set as JSONL plus PNG or WAV files.",
-        )
-    )
-    _convert_args(
-        sub.add_parser(
-            "convert",
-            help="convert to or from the Hugging Face GPT-2 format",
-            description="Convert checkpoints to or from the Hugging Face GPT-2 format.",
-        )
-    )
+    for name, (add_args, help, description) in SUBCOMMANDS.items():
+        add_args(sub.add_parser(name, help=help, description=description))
     return parser
 
 
@@ -568,14 +463,31 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from omnigpt.finetune import train_on_examples
     from omnigpt.train import pretrain
 
-    if args.resume and not args.out:
-        raise OmnigptError("--resume needs --out RUN_FOLDER")
-    out = Path(args.out) if args.out else Path("runs") / time.strftime("run-%Y%m%d-%H%M%S")
-    signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
-    if args.data and args.data.endswith(".jsonl") or _examples_run(out, args.resume):
-        return _train_on_examples(args, out)
+    out = _run_folder(args, "run")
+    train_cfg = _from_flags(TrainConfig, args)
+    examples_run = args.resume and (out / "init").is_dir()  # its model was built for its examples
+    if examples_run or (args.data and args.data.endswith(".jsonl")):
+        if args.init_from:
+            raise OmnigptError(
+                "--init-from: to start JSONL training from a model, use `omnigpt finetune`"
+            )
+        result = train_on_examples(
+            args.data,
+            out,
+            _model_config(args),
+            train_cfg,
+            args.tokenizer,
+            args.vision,
+            args.audio,
+            args.pack,
+            resume=args.resume,
+            progress=not args.no_progress,
+            resume_overrides=_budgets(args),
+        )
+        return _report(result, out)
     if args.vision or args.audio:
         raise OmnigptError("--vision / --audio train on examples: give --data FILE.jsonl")
     if args.resume:
@@ -590,7 +502,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         data,
         out,
         _model_config(args),
-        _train_config(args),
+        train_cfg,
         resume=args.resume,
         init_from=args.init_from,
         progress=not args.no_progress,
@@ -599,21 +511,35 @@ def cmd_train(args: argparse.Namespace) -> None:
     _report(result, out)
 
 
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from omnigpt.finetune import finetune
+
+    out = _run_folder(args, "finetune")
+    ft_cfg = _from_flags(FinetuneConfig, args, lora=_from_flags(LoRAConfig, args, "lora_"))
+    result = finetune(
+        args.model,
+        args.data,
+        out,
+        ft_cfg,
+        _from_flags(TrainConfig, args),
+        val_data=args.val_data,
+        resume=args.resume,
+        progress=not args.no_progress,
+        resume_overrides=_budgets(args),
+    )
+    _report(result, out)
+
+
+def _run_folder(args: argparse.Namespace, kind: str) -> Path:
+    """--out, or runs/KIND-DATE-TIME for a new run; and SIGTERM from here on stops like Ctrl-C."""
+    if args.resume and not args.out:
+        raise OmnigptError("--resume needs --out RUN_FOLDER")
+    signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
+    return Path(args.out) if args.out else Path("runs") / time.strftime(f"{kind}-%Y%m%d-%H%M%S")
+
+
 def _model_config(args: argparse.Namespace) -> ModelConfig:
-    overrides = {
-        k: getattr(args, k)
-        for k in (
-            "n_layer",
-            "n_head",
-            "n_embd",
-            "block_size",
-            "pos_encoding",
-            "mlp",
-            "norm",
-            "dropout",
-        )
-        if getattr(args, k) is not None
-    }
+    overrides = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None}
     if args.untie:
         overrides["tie_embeddings"] = False
     return ModelConfig.from_preset(args.preset, **overrides)
@@ -626,84 +552,6 @@ def _budgets(args: argparse.Namespace) -> dict:
     }
 
 
-def _examples_run(out: Path, resume: bool) -> bool:
-    """Whether --resume names a run that trains on JSONL examples (it has an init/ checkpoint)."""
-    return resume and (out / "init").is_dir()
-
-
-def _train_on_examples(args: argparse.Namespace, out: Path) -> None:
-    """A new model (encoders as asked, tokenizer trained on the examples' text) saved in out/init,
-    then trained on every weight by `finetune()`, on the same loop and run folder as `train`."""
-    from omnigpt.chat import read_records
-    from omnigpt.checkpoint import save_checkpoint
-    from omnigpt.finetune import FinetuneConfig, finetune, new_model
-
-    if args.init_from:
-        raise OmnigptError(
-            "--init-from: to start JSONL training from a model, use `omnigpt finetune`"
-        )
-    if not args.resume:
-        if (out / "init").exists():
-            raise OmnigptError(f"{out} already holds a run; pass --resume, or choose another --out")
-        import torch
-
-        records = read_records(args.data)
-        torch.manual_seed(args.seed)
-        model, tokenizer = new_model(
-            records, _model_config(args), args.tokenizer, args.vision, args.audio
-        )
-        save_checkpoint(out / "init", model, tokenizer)
-        print(f"new model in {out / 'init'} ({tokenizer.vocab_size} tokens: {args.tokenizer})")
-    result = finetune(
-        out / "init",
-        args.data,
-        out,
-        FinetuneConfig(method="full", pack=args.pack),
-        _train_config(args),
-        resume=args.resume,
-        progress=not args.no_progress,
-        resume_overrides=_budgets(args),
-    )
-    _report(result, out)
-
-
-def _train_config(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(
-        batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
-        max_steps=args.max_steps
-        or (UNLIMITED_STEPS if args.max_seconds else TrainConfig.max_steps),
-        max_seconds=args.max_seconds,
-        optimizer=args.optimizer,
-        lr=args.lr,
-        muon_lr=args.muon_lr,
-        min_lr_ratio=args.min_lr_ratio,
-        warmup_steps=args.warmup_steps,
-        weight_decay=args.weight_decay,
-        grad_clip=args.grad_clip,
-        eval_interval=args.eval_interval,
-        eval_batches=args.eval_batches,
-        log_interval=args.log_interval,
-        seed=args.seed,
-        compile=args.compile,
-        precision=args.precision,
-        device=args.device,
-        early_stop_patience=args.early_stop_patience,
-        lr_scale=_lr_scale(args.lr_scale),
-    )
-
-
-def _lr_scale(text: str) -> dict[str, float]:
-    scales = {}
-    for item in filter(None, text.split(",")):
-        name, _, factor = item.partition("=")
-        try:
-            scales[name.strip()] = float(factor)
-        except ValueError:
-            raise OmnigptError(f"--lr-scale: {item!r} is not NAME=FACTOR") from None
-    return scales
-
-
 def _report(result, out: Path) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"done: {result}")
@@ -711,46 +559,6 @@ def _report(result, out: Path) -> None:
             f"run folder: {out}  (checkpoints: {out}/best, {out}/latest; loss curve: {out}/loss.png; "
             f"metrics: {out}/metrics.jsonl)"
         )
-
-
-def cmd_finetune(args: argparse.Namespace) -> None:
-    from omnigpt.finetune import FinetuneConfig, finetune
-    from omnigpt.lora import LoRAConfig
-
-    if args.resume and not args.out:
-        raise OmnigptError("--resume needs --out RUN_FOLDER")
-    out = Path(args.out) if args.out else Path("runs") / time.strftime("finetune-%Y%m%d-%H%M%S")
-    signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
-    ft_cfg = FinetuneConfig(
-        method=args.method,
-        trainable=tuple(t for t in args.trainable.split(",") if t),
-        last_blocks=args.last_blocks,
-        lora=LoRAConfig(
-            rank=args.lora_rank,
-            alpha=args.lora_alpha,
-            dropout=args.lora_dropout,
-            targets=tuple(t for t in args.lora_targets.split(",") if t),
-        ),
-        pack=args.pack,
-        too_long=args.too_long,
-        val_fraction=args.val_fraction,
-        epochs=args.epochs,
-        skip_bad_media=args.skip_bad_media,
-        vision=args.vision,
-        audio=args.audio,
-    )
-    result = finetune(
-        args.model,
-        args.data,
-        out,
-        ft_cfg,
-        _train_config(args),
-        val_data=args.val_data,
-        resume=args.resume,
-        progress=not args.no_progress,
-        resume_overrides=_budgets(args),
-    )
-    _report(result, out)
 
 
 def _stop_like_ctrl_c(signum, frame) -> None:
@@ -774,8 +582,8 @@ def _builtin_data() -> Path:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from omnigpt.generate import generate_text
-    from omnigpt.hf import load_model
-    from omnigpt.train import pick_device
+    from omnigpt.hardware import pick_device
+    from omnigpt.load import load_model
 
     prompts = [p for p in args.prompts if p != "-"]
     if args.prompt_file:
@@ -835,91 +643,52 @@ def _generation_options(args: argparse.Namespace, **extra) -> GenerationOptions:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    from omnigpt.chat import fit_history, stop_ids
-    from omnigpt.evaluate import media_prompt
-    from omnigpt.generate import generate_tokens
-    from omnigpt.hf import load_model
-    from omnigpt.media import collate_media
-    from omnigpt.tokenizer import AUDIO, IMAGE
-    from omnigpt.train import pick_device
+    from omnigpt.chat import ChatSession, parse_message
+    from omnigpt.hardware import pick_device
+    from omnigpt.load import load_model
 
-    opts = _generation_options(args, token_healing=False)
     model, tokenizer = load_model(args.model, pick_device(args.device))
-    system = [{"role": "system", "content": args.system}] if args.system else []
-    history: list[dict] = []
-    stops = stop_ids(tokenizer)
+    session = ChatSession(
+        model, tokenizer, _generation_options(args, token_healing=False), args.system
+    )
     interactive = sys.stdin.isatty()
     if interactive:
         print("chatting with", args.model, "— /reset starts over, /exit or Ctrl-D leaves")
-        if getattr(model, "vision", None) or getattr(model, "audio", None):
+        if session.sees_media:
             print("/image PATH [text] or /audio PATH [text] puts a file in your message")
     while True:
         try:
-            line = input("you> " if interactive else "")
+            text = input("you> " if interactive else "").strip()
         except EOFError:
             break
-        text = line.strip()
         if text in ("/exit", "/quit"):
             break
         if text == "/reset":
-            history = []
+            session.reset()
+        if not text or text == "/reset":
             continue
-        if not text:
-            continue
-        message = {"role": "user", "content": text}
-        command, _, rest = text.partition(" ")
-        if command in ("/image", "/audio"):
-            path, _, text = rest.strip().partition(" ")
-            if not path:
-                print(f"({command} needs a file path)")
-                continue
-            kind = command[1:]
-            placeholder = IMAGE if kind == "image" else AUDIO
-            message = {"role": "user", "content": placeholder + text.strip(), kind: path}
-        history.append(message)
-        budget = model.config.block_size - min(opts.max_new_tokens, model.config.block_size // 2)
-        history, dropped = fit_history(tokenizer, system, history, budget)
-        if dropped and interactive:
-            print(f"(dropped the {dropped} oldest message(s) to stay within the context)")
-        conversation = system + history
-        record = {"messages": [*conversation, {"role": "assistant", "content": ""}]}
-        for kind in ("image", "audio"):
-            record[kind] = [m[kind] for m in conversation if kind in m]
         try:
-            prompt, media = media_prompt(model, tokenizer, record)
+            dropped = session.add_user(parse_message(text))
         except OmnigptError as e:
             print(f"({e})")
-            history.pop()
             continue
-        if len(prompt) >= model.config.block_size:
-            print(
-                f"(that message is too long for the model's context of {model.config.block_size} tokens)"
-            )
-            history.pop()
-            continue
-        stream = tokenizer.stream()
+        if dropped and interactive:
+            print(f"(dropped the {dropped} oldest message(s) to stay within the context)")
         sys.stdout.write("assistant> " if interactive else "")
+        session.reply(on_text=_write)
+        _write("\n")
 
-        def on_step(ids: list[int], stream=stream) -> None:
-            if ids[0] not in stops:
-                sys.stdout.write(stream.push(ids[0]))
-                sys.stdout.flush()
 
-        device = model.wte.weight.device
-        inputs = {k: v.to(device) for k, v in collate_media([media]).items()} if media else {}
-        new = generate_tokens(
-            model, [prompt], opts, stops, tokenizer.vocab_size, on_step, prefill_inputs=inputs
-        )
-        sys.stdout.write(stream.flush() + "\n")
-        sys.stdout.flush()
-        history.append({"role": "assistant", "content": tokenizer.decode(new[0]).strip()})
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 def cmd_media(args: argparse.Namespace) -> None:
     """caption / ask / transcribe: one answer per file, printed as it comes."""
     from omnigpt.evaluate import generate_answers
-    from omnigpt.hf import load_model
-    from omnigpt.train import pick_device
+    from omnigpt.hardware import pick_device
+    from omnigpt.load import load_model
 
     kind = "audio" if args.command == "transcribe" else "image"
     prompt = args.question if args.command == "ask" else args.prompt
@@ -932,33 +701,26 @@ def cmd_media(args: argparse.Namespace) -> None:
 
 
 def cmd_make_data(args: argparse.Namespace) -> None:
-    import random
+    from omnigpt.synthetic import write_datasets
 
-    from omnigpt.synthetic import write_keypad, write_shapes
-
-    lines = []
-    for kind in dict.fromkeys(args.kinds):
-        if kind == "shapes":
-            path = write_shapes(
-                args.out, args.n, args.seed, not args.no_questions, (1, args.max_shapes)
-            )
-        else:
-            path = write_keypad(args.out, args.n, args.seed, (1, args.max_digits))
-        these = path.read_text(encoding="utf-8").splitlines(keepends=True)
-        print(f"{len(these):,} example{'s' * (len(these) != 1)} in {path}")
-        lines += these
-    if len(set(args.kinds)) > 1:
-        random.Random(args.seed).shuffle(lines)
-        path = Path(args.out) / "all.jsonl"
-        path.write_text("".join(lines), encoding="utf-8")
-        print(f"{len(lines):,} examples in {path}")
+    written = write_datasets(
+        args.kinds,
+        args.out,
+        args.n,
+        args.seed,
+        not args.no_questions,
+        args.max_shapes,
+        args.max_digits,
+    )
+    for path, count in written:
+        print(f"{count:,} example{'s' * (count != 1)} in {path}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from omnigpt.chat import read_records
     from omnigpt.evaluate import evaluate
-    from omnigpt.hf import load_model
-    from omnigpt.train import pick_device
+    from omnigpt.examples import read_records
+    from omnigpt.hardware import pick_device
+    from omnigpt.load import load_model
 
     records = read_records(args.data)
     if args.limit:
@@ -987,7 +749,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from omnigpt.hf import export_hf, import_hf, load_model
+    from omnigpt.hf import export_hf
+    from omnigpt.load import import_hf, load_model
 
     out = Path(args.out)
     if args.from_hf:

@@ -1,7 +1,13 @@
-"""Typed configuration: the model's shape, the training run, named presets, JSON round-trip.
+"""Typed configuration: the model's and encoders' shapes, the training run, fine-tuning and LoRA,
+named presets, JSON round-trip.
 
-cfg = ModelConfig.from_preset("gpt2", vocab_size=50257)
-cfg = ModelConfig.from_dict(json.loads(path.read_text()))
+    cfg = ModelConfig.from_preset("gpt2", vocab_size=50257)
+    cfg = ModelConfig.from_dict(json.loads(path.read_text()))
+    train = TrainConfig(max_seconds=600, optimizer="muon")    # TrainConfig.finetuning() to adapt a model
+
+Every field a user sets from the command line carries its help text; `cli.py` derives its flags
+from them, so the command line and the Python API share one set of names, defaults and checks.
+Unknown keys in a saved config are refused, never silently dropped.
 """
 
 from __future__ import annotations
@@ -19,26 +25,34 @@ MLPKind = Literal["gelu", "swiglu"]
 NormKind = Literal["layernorm", "rmsnorm"]
 
 
+def _option(default: Any, help: str, **metadata: Any) -> Any:
+    """A config field with the help text its command-line flag shows (`cli.py` derives the flags)."""
+    if isinstance(default, dict):
+        return dataclasses.field(
+            default_factory=lambda: dict(default), metadata={"help": help, **metadata}
+        )
+    return dataclasses.field(default=default, metadata={"help": help, **metadata})
+
+
 @dataclass
 class ModelConfig:
     """The shape of a decoder-only GPT."""
 
     vocab_size: int = 50304
-    block_size: int = 1024  # longest context, in tokens
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    pos_encoding: PosEncoding = "learned"
+    block_size: int = _option(1024, "context length in tokens")
+    n_layer: int = _option(12, "number of Transformer blocks")
+    n_head: int = _option(12, "attention heads per block")
+    n_embd: int = _option(768, "model width")
+    pos_encoding: PosEncoding = _option("learned", "positional encoding")
     rope_theta: float = 10000.0
-    mlp: MLPKind = "gelu"
-    d_ff: int | None = (
-        None  # hidden width of the MLP; None: 4·n_embd (gelu) or ≈8/3·n_embd (swiglu)
-    )
-    norm: NormKind = "layernorm"
+    mlp: MLPKind = _option("gelu", "feed-forward kind")
+    # hidden width of the MLP; None: 4·n_embd (gelu) or ≈8/3·n_embd (swiglu)
+    d_ff: int | None = None
+    norm: NormKind = _option("layernorm", "normalisation kind")
     norm_eps: float = 1e-5
     bias: bool = True  # biases in Linear layers and LayerNorm, as GPT-2
     tie_embeddings: bool = True  # LM head shares the token-embedding matrix
-    dropout: float = 0.0
+    dropout: float = _option(0.0, "dropout probability")
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:
@@ -77,11 +91,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise OmnigptError(f"unknown model config keys: {', '.join(sorted(unknown))}")
-        return cls(**d)
+        return cls(**_known_keys(cls, d, "model config"))
 
 
 @dataclass
@@ -239,45 +249,230 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 UNLIMITED_STEPS = 10**9  # a step budget that never binds: the time budget decides
+DEFAULT_MAX_STEPS = 1000  # the step budget of a run given no budget at all
+
+
+def parse_lr_scale(text: str) -> dict[str, float]:
+    """ "vision=0.1,image_proj=2" → {"vision": 0.1, "image_proj": 2.0}."""
+    scales = {}
+    for item in filter(None, text.split(",")):
+        name, _, factor = item.partition("=")
+        try:
+            scales[name.strip()] = float(factor)
+        except ValueError:
+            raise OmnigptError(f"lr_scale: {item!r} is not NAME=FACTOR") from None
+    return scales
 
 
 @dataclass
 class TrainConfig:
-    """How a run trains. Budgets: stop at `max_steps`, or after `max_seconds`, whichever is first."""
+    """How a run trains. Budgets: stop at `max_steps`, or after `max_seconds`, whichever is first;
+    with only `max_seconds` the time decides alone, with neither the run takes 1000 steps."""
 
-    batch_size: int = 16  # sequences per micro-batch on each process
-    grad_accum: int = 1  # micro-batches per optimizer step
-    max_steps: int = 1000
-    max_seconds: float | None = None
-    optimizer: Literal["adamw", "muon"] = "adamw"
-    lr: float = 1e-3  # peak learning rate (AdamW, and Muon's non-matrix parameters)
-    muon_lr: float = 0.02  # peak learning rate of Muon's matrix parameters
-    min_lr_ratio: float = 0.1  # cosine decays to lr·min_lr_ratio
-    warmup_steps: int = 50
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # 0 disables clipping
-    eval_interval: int = 200  # steps between evaluations (and checkpoints)
-    eval_batches: int = 20  # val batches per evaluation; 0 = the whole val split
-    log_interval: int = 10
-    seed: int = 1337
-    compile: bool = False
-    # auto: bf16 autocast where bf16 matmuls are native (CUDA; CPUs with AMX / AVX-512 BF16), else fp32
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    early_stop_patience: int = 0  # stop after this many evaluations without improvement; 0 = never
-    lr_scale: dict[str, float] = dataclasses.field(
-        default_factory=dict
-    )  # {"vision": 0.1}: per part
+    batch_size: int = _option(16, "sequences per micro-batch per process")
+    grad_accum: int = _option(1, "micro-batches per optimizer step")
+    max_steps: int | None = _option(
+        None,
+        f"stop after this many optimizer steps (default {DEFAULT_MAX_STEPS}; none with --max-seconds)",
+    )
+    max_seconds: float | None = _option(
+        None, "stop after this much training time (the LR schedule fits it)"
+    )
+    optimizer: Literal["adamw", "muon"] = _option(
+        "adamw", "adamw, or muon (Muon for the blocks' weight matrices, AdamW for the rest)"
+    )
+    lr: float = _option(1e-3, "peak learning rate (AdamW parameters)")
+    muon_lr: float = _option(0.02, "peak learning rate of Muon's matrices")
+    min_lr_ratio: float = _option(0.1, "final LR as a fraction of the peak (cosine decay)")
+    warmup_steps: int = _option(50, "linear warmup steps")
+    weight_decay: float = _option(0.1, "decoupled weight decay (matrices and embeddings only)")
+    beta1: float = _option(0.9, "AdamW's first-moment decay")
+    beta2: float = _option(0.95, "AdamW's second-moment decay")
+    grad_clip: float = _option(1.0, "clip the gradient norm to this (0: off)")
+    eval_interval: int = _option(200, "steps between evaluations and checkpoints")
+    eval_batches: int = _option(20, "val batches per evaluation (0: all)")
+    log_interval: int = _option(10, "steps between metrics.jsonl records")
+    seed: int = _option(1337, "random seed (data order, initialisation)")
+    compile: bool = _option(False, "compile the model with torch.compile")
+    precision: Literal["auto", "fp32", "bf16"] = _option(
+        "auto",
+        "auto: bf16 autocast where bf16 is native (CUDA; CPUs with AMX or AVX-512 BF16), fp32 "
+        "elsewhere; bf16 on other CPUs works but is emulated and slow",
+    )
+    device: str = _option("auto", "auto, cpu, cuda, cuda:N")
+    early_stop_patience: int = _option(0, "stop after N evaluations without improvement (0: never)")
+    lr_scale: dict[str, float] = _option(
+        {},
+        "per-part learning rates: name-prefix=factor pairs, e.g. vision=0.1,image_proj=2",
+        parse=parse_lr_scale,
+    )
+
+    def __post_init__(self) -> None:
+        if self.max_steps is None:
+            self.max_steps = UNLIMITED_STEPS if self.max_seconds else DEFAULT_MAX_STEPS
+        at_least = {
+            "batch_size": 1,
+            "grad_accum": 1,
+            "max_steps": 1,
+            "warmup_steps": 0,
+            "eval_interval": 1,
+            "eval_batches": 0,
+            "log_interval": 1,
+            "early_stop_patience": 0,
+        }
+        for name, low in at_least.items():
+            if getattr(self, name) < low:
+                _invalid(name, f"must be at least {low}", getattr(self, name))
+        for name in ("lr", "muon_lr"):
+            if not getattr(self, name) > 0:
+                _invalid(name, "must be positive", getattr(self, name))
+        if self.max_seconds is not None and not self.max_seconds > 0:
+            _invalid("max_seconds", "must be positive", self.max_seconds)
+        for name in ("weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                _invalid(name, "must not be negative", getattr(self, name))
+        for name in ("min_lr_ratio", "beta1", "beta2"):
+            if not 0 <= getattr(self, name) <= 1:
+                _invalid(name, "must be between 0 and 1", getattr(self, name))
+        if self.optimizer not in ("adamw", "muon"):
+            _invalid("optimizer", "must be adamw or muon", self.optimizer)
+        if self.precision not in ("auto", "fp32", "bf16"):
+            _invalid("precision", "must be auto, fp32 or bf16", self.precision)
+
+    @classmethod
+    def finetuning(cls, **overrides: Any) -> TrainConfig:
+        """The defaults for adapting a trained model (`FINETUNING_DEFAULTS`), then `overrides`."""
+        return cls(**{**FINETUNING_DEFAULTS, **overrides})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return cls(**_known_keys(cls, d, "training config"))
+
+
+# Adapting a trained model: a lower peak LR, a short warmup, the whole validation set at every
+# evaluation, and early stopping after 5 evaluations without a new best.
+FINETUNING_DEFAULTS: dict[str, Any] = dict(
+    lr=3e-4, warmup_steps=20, eval_interval=100, eval_batches=0, early_stop_patience=5
+)
+
+
+def _invalid(name: str, problem: str, value: Any) -> None:
+    flag = "--" + name.replace("_", "-")
+    raise OmnigptError(f"{name} ({flag}) {problem}, not {value!r}")
+
+
+def _known_keys(cls, d: dict[str, Any], what: str) -> dict[str, Any]:
+    """`d`, refused with the names of any keys that are no field of `cls`."""
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise OmnigptError(f"unknown {what} keys: {', '.join(sorted(unknown))}")
+    return dict(d)
+
+
+DEFAULT_LORA_TARGETS = ("c_attn", "c_proj", "c_fc")  # every Linear in the Transformer blocks
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters: which Linear layers get them, their rank and scale (`lora.py`)."""
+
+    rank: int = _option(8, "LoRA rank")
+    alpha: float = _option(16.0, "LoRA scale numerator (the update is scaled by alpha / rank)")
+    dropout: float = _option(0.0, "LoRA input dropout")
+    targets: tuple[str, ...] = _option(
+        DEFAULT_LORA_TARGETS,
+        "comma-separated Linear layer names to adapt (c_attn, c_proj, c_fc, attn.c_proj, ...)",
+    )
+
+    def __post_init__(self) -> None:
+        self.targets = tuple(self.targets)
+        if self.rank < 1:
+            raise OmnigptError(f"LoRA rank must be at least 1, got {self.rank}")
+        if not 0 <= self.dropout < 1:
+            raise OmnigptError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["targets"] = list(self.targets)
+        return d
+
+
+@dataclass
+class FinetuneConfig:
+    """What to adapt and how examples become batches (`finetune.py`)."""
+
+    method: Literal["full", "partial", "lora"] = _option(
+        "full",
+        "full: every weight; partial: only --trainable / --last-blocks; lora: low-rank adapters",
+    )
+    trainable: tuple[str, ...] = _option(
+        (), "partial: comma-separated parameter names, prefixes or globs (e.g. h.5,ln_f,lm_head)"
+    )
+    last_blocks: int = _option(0, "partial: also train the last N Transformer blocks")
+    lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
+    pack: bool = _option(
+        False, "pack several examples per row (no attention between them) instead of padding"
+    )
+    too_long: Literal["truncate", "drop"] = _option(
+        "truncate", "examples longer than the context: cut their end, or leave them out"
+    )
+    epochs: float | None = _option(None, "passes over the training examples (sets --max-steps)")
+    val_fraction: float = _option(
+        0.05, "share of --data held out for validation when no --val-data is given"
+    )
+    skip_bad_media: bool = _option(
+        False,
+        "leave out examples whose image or audio file is missing or unreadable (default: stop)",
+    )
+    vision: str | None = _option(
+        None,
+        f"attach a new image encoder: {', '.join(ENCODER_PRESETS)}, optionally with overrides "
+        "(small,image_size=96,patch_size=8)",
+        metavar="SPEC",
+    )
+    audio: str | None = _option(
+        None,
+        f"attach a new audio encoder: {', '.join(ENCODER_PRESETS)}, optionally with overrides "
+        "(small,sample_rate=8000,n_fft=200,hop_length=80)",
+        metavar="SPEC",
+    )
+
+    def __post_init__(self) -> None:
+        self.trainable = tuple(self.trainable)
+        if self.method not in ("full", "partial", "lora"):
+            raise OmnigptError(f"unknown fine-tuning method {self.method!r} (full, partial, lora)")
+        if self.too_long not in ("truncate", "drop"):
+            raise OmnigptError(f"--too-long must be truncate or drop, not {self.too_long!r}")
+        if self.method == "partial" and not (self.trainable or self.last_blocks):
+            raise OmnigptError("partial fine-tuning needs --trainable NAMES or --last-blocks N")
+        if self.method == "lora" and (self.vision or self.audio):
+            raise OmnigptError(
+                "new encoders cannot train under LoRA (only adapters are saved): align them first "
+                "with --method partial --trainable vision,image_proj (or audio,audio_proj)"
+            )
+        if not 0 <= self.val_fraction < 1:
+            _invalid("val_fraction", "must be in [0, 1)", self.val_fraction)
+        if self.epochs is not None and not self.epochs > 0:
+            _invalid("epochs", "must be positive", self.epochs)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in self.__dict__.items() if k != "lora"}
+        d["trainable"] = list(self.trainable)
+        d["lora"] = self.lora.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FinetuneConfig:
+        d = _known_keys(cls, d, "fine-tuning config")
+        d["lora"] = LoRAConfig(**_known_keys(LoRAConfig, d.get("lora", {}), "LoRA config"))
+        return cls(**d)
 
 
 def save_json(path: Path, obj: dict[str, Any]) -> None:

@@ -25,8 +25,7 @@ import torch
 from tqdm import tqdm
 
 from omnigpt.errors import OmnigptError
-from omnigpt.model import IGNORE_INDEX
-from omnigpt.tokenizer import Tokenizer
+from omnigpt.tokenizer import IGNORE_INDEX, Tokenizer
 
 TEXT_SUFFIXES_SKIPPED = {
     ".pyc",

@@ -18,17 +18,23 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from omnigpt.chat import prompt_ids, reference, stop_ids, with_placeholders
 from omnigpt.config import save_json
 from omnigpt.ctc import JointCTCScorer
 from omnigpt.errors import OmnigptError
-from omnigpt.finetune import eval_batches, media_loader, tokenize_records
+from omnigpt.examples import (
+    collate_media,
+    encode_prompt,
+    encode_records,
+    eval_batches,
+    media_loader,
+    pad_id,
+)
 from omnigpt.generate import GenerationOptions, generate_tokens
-from omnigpt.media import collate_media, record_media
 from omnigpt.metrics import METRICS, corpus_metric, example_metric
 from omnigpt.model import GPT
 from omnigpt.model.fusion import MultimodalGPT
-from omnigpt.tokenizer import PAD, Tokenizer
+from omnigpt.template import reference, stop_ids
+from omnigpt.tokenizer import Tokenizer
 from omnigpt.train import evaluate_loss
 
 
@@ -40,36 +46,14 @@ def perplexity(
     precision: str = "auto",
     base_dir: str | Path = ".",
 ) -> float:
+    """exp of the mean loss over the records' completion/assistant tokens, as in fine-tuning."""
     block = model.config.block_size
-    loader = media_loader(model, Path(base_dir))
-    examples, _ = tokenize_records(tokenizer, records, block, "truncate", loader)
+    loader = media_loader(model, base_dir)
+    examples, _ = encode_records(tokenizer, records, block, "truncate", loader)
     if not examples:
         raise OmnigptError("no example fits the model's context for perplexity")
-    pad = tokenizer.token_id(PAD) or 0
-    device = model.wte.weight.device
-    loss = evaluate_loss(
-        model, eval_batches(examples, block, batch_size, pad), device, None, precision
-    )
-    return math.exp(loss)
-
-
-def media_prompt(
-    model: GPT | MultimodalGPT, tokenizer: Tokenizer, record: dict, base_dir: str | Path = "."
-) -> tuple[list[int], dict]:
-    """The prompt ids of a record (see chat.prompt_ids) and the media they hold, read from the
-    files the record names (paths relative to `base_dir`), placeholders expanded to match."""
-    if not isinstance(model, MultimodalGPT):
-        if record.get("image") or record.get("audio"):
-            raise OmnigptError("this model reads text only: it has no image or audio encoder")
-        return prompt_ids(tokenizer, record), {}
-    counts, media = record_media(
-        record,
-        Path(base_dir),
-        model.vision.config if model.vision else None,
-        model.audio.config if model.audio else None,
-    )
-    record = with_placeholders(record, {k: len(v) for k, v in counts.items()})
-    return prompt_ids(tokenizer, record, counts), media
+    batches = eval_batches(examples, block, batch_size, pad_id(tokenizer))
+    return math.exp(evaluate_loss(model, batches, model.wte.weight.device, None, precision))
 
 
 def generate_answers(
@@ -85,9 +69,8 @@ def generate_answers(
     audio the records name (paths relative to `base_dir`); they are encoded once per batch."""
     if not records:
         return []
-    prompts, media = zip(
-        *(media_prompt(model, tokenizer, r, base_dir) for r in records), strict=True
-    )
+    loader = media_loader(model, base_dir)
+    prompts, media = zip(*(encode_prompt(tokenizer, r, loader) for r in records), strict=True)
     limit = model.config.block_size - 1
     # keep the end of a text prompt longer than the context (cutting media would break them)
     prompts = [p if media[i] else p[-limit:] for i, p in enumerate(prompts)]

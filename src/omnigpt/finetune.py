@@ -1,43 +1,51 @@
-"""Supervised fine-tuning: labelled examples into batches, what to train, and `finetune()`.
+"""Supervised fine-tuning: what to train, and `finetune()`; and `train_on_examples()`, a model
+built from nothing and trained on examples alone.
 
-    result = finetune("runs/base", "pairs.jsonl", "runs/tuned", FinetuneConfig(method="lora"), TrainConfig())
+    result = finetune("runs/base", "pairs.jsonl", "runs/tuned", FinetuneConfig(method="lora"))
+    result = train_on_examples("shapes.jsonl", "runs/shapes", ModelConfig.from_preset("nano"),
+                               TrainConfig(max_seconds=120), vision="tiny")
 
-Examples (see `chat.py`) become (tokens, labels) pairs; only completion/assistant tokens are targets.
-Batches are either padded (examples of similar length batched together, right-padded: with causal
-attention no real token ever sees a pad) or packed (several examples per row, each with its own
-positions and a block-diagonal causal mask, so attention never crosses from one into another).
-
-Three ways to adapt: `full` trains everything; `partial` freezes all but the named parameters
-(`--trainable h.5,ln_f,lm_head` or `--last-blocks 2`); `lora` freezes the base and trains low-rank
-adapters, saved on their own. Training runs through the same `fit()` loop as pretraining.
+Records become examples and batches in `examples.py`; training runs through the same `fit()` loop
+as pretraining. Three ways to adapt: `full` trains everything; `partial` freezes all but the named
+parameters (`--trainable h.5,ln_f,lm_head` or `--last-blocks 2`); `lora` freezes the base and trains
+low-rank adapters, saved on their own.
 
 Multimodal training is staged the same way: `vision="small"` / `audio="small"` attach new encoders
 to a text model; `method="partial", trainable=("vision", "image_proj")` aligns them with the decoder
-frozen; a second run (full, partial or LoRA) then tunes the decoder on instructions. `new_model`
-builds a model from nothing, tokenizer included, for training on examples alone.
+frozen; a second run (full, partial or LoRA) then tunes the decoder on instructions.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import functools
 import math
 import random
-import sys
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from omnigpt.chat import read_records, reference, render, with_placeholders
-from omnigpt.checkpoint import read_adapter
-from omnigpt.config import AudioConfig, ModelConfig, TrainConfig, VisionConfig, load_json, save_json
+from omnigpt.checkpoint import open_run_folder, read_adapter, save_checkpoint, start_run_folder
+from omnigpt.config import (
+    AudioConfig,
+    FinetuneConfig,
+    ModelConfig,
+    TrainConfig,
+    VisionConfig,
+    load_json,
+)
 from omnigpt.errors import OmnigptError
-from omnigpt.hf import load_model
+from omnigpt.examples import (
+    Example,
+    ExampleBatches,
+    encode_records,
+    eval_batches,
+    media_loader,
+    pad_id,
+    read_records,
+)
+from omnigpt.load import load_model
 from omnigpt.lora import (
-    LoRAConfig,
     add_lora,
     base_checksum,
     load_adapter_state,
@@ -45,288 +53,10 @@ from omnigpt.lora import (
     merge_lora,
     same_base,
 )
-from omnigpt.media import collate_media, record_media
-from omnigpt.model import GPT, IGNORE_INDEX
+from omnigpt.model import GPT
 from omnigpt.model.fusion import MultimodalGPT, attach_encoders
-from omnigpt.tokenizer import AUDIO, IMAGE, PAD, Tokenizer
+from omnigpt.tokenizer import AUDIO, IMAGE, Tokenizer
 from omnigpt.train import RunResult, fit, setup_distributed
-
-# inputs, targets (already shifted by one), and for multimodal examples a third item: the media
-# (see media.record_media), whose placeholders the inputs hold
-Example = tuple
-
-
-@dataclass
-class FinetuneConfig:
-    """What to adapt and how examples become batches."""
-
-    method: str = "full"  # full | partial | lora
-    trainable: tuple[
-        str, ...
-    ] = ()  # partial: parameter names or globs ("h.5", "h.*.attn", "lm_head")
-    last_blocks: int = 0  # partial: also train the last N Transformer blocks
-    lora: LoRAConfig = field(default_factory=LoRAConfig)
-    pack: bool = False  # pack several examples per row instead of padding
-    too_long: str = "truncate"  # truncate | drop: examples longer than the context
-    epochs: float | None = None  # passes over the examples; sets TrainConfig.max_steps
-    val_fraction: float = 0.05  # held out when no validation file is given
-    skip_bad_media: bool = False  # leave out examples whose image/audio cannot be read
-    vision: str | None = None  # attach a new image encoder: a preset and overrides ("small,...")
-    audio: str | None = None  # attach a new audio encoder, likewise
-
-    def __post_init__(self) -> None:
-        if self.method not in ("full", "partial", "lora"):
-            raise OmnigptError(f"unknown fine-tuning method {self.method!r} (full, partial, lora)")
-        if self.too_long not in ("truncate", "drop"):
-            raise OmnigptError(f"--too-long must be truncate or drop, not {self.too_long!r}")
-        if self.method == "partial" and not (self.trainable or self.last_blocks):
-            raise OmnigptError("partial fine-tuning needs --trainable NAMES or --last-blocks N")
-        if self.method == "lora" and (self.vision or self.audio):
-            raise OmnigptError(
-                "new encoders cannot train under LoRA (only adapters are saved): align them first "
-                "with --method partial --trainable vision,image_proj (or audio,audio_proj)"
-            )
-
-    def to_dict(self) -> dict[str, Any]:
-        d = {k: v for k, v in self.__dict__.items() if k != "lora"}
-        d["trainable"] = list(self.trainable)
-        d["lora"] = self.lora.to_dict()
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> FinetuneConfig:
-        d = dict(d)
-        d["lora"] = LoRAConfig(**d.get("lora", {}))
-        d["trainable"] = tuple(d.get("trainable", ()))
-        return cls(**d)
-
-
-# -- examples -------------------------------------------------------------------------------------
-
-
-@dataclass
-class ExampleStats:
-    kept: int = 0
-    truncated: int = 0
-    dropped: int = 0
-    skipped: int = 0  # unreadable media
-
-    def __str__(self) -> str:
-        skipped = f", {self.skipped:,} skipped for unreadable media" if self.skipped else ""
-        return f"{self.kept:,} examples ({self.truncated:,} truncated, {self.dropped:,} dropped as too long{skipped})"
-
-
-def tokenize_records(
-    tokenizer: Tokenizer,
-    records: list[dict],
-    block_size: int,
-    too_long: str = "truncate",
-    media_loader: Callable[[dict], tuple[dict, dict]] | None = None,
-    skip_bad_media: bool = False,
-) -> tuple[list[Example], ExampleStats]:
-    """Renders records into (inputs, targets) of at most `block_size` tokens.
-
-    Too long: `truncate` cuts the end (the example is dropped if no target token is left), `drop`
-    drops it; an example with media is never cut (that could split an image's tokens), only dropped.
-    `media_loader(record)` → (token counts per placeholder, media), for multimodal models; a
-    missing or unreadable file stops with its path and line, or with `skip_bad_media` is reported
-    and its example left out.
-    """
-    examples, stats = [], ExampleStats()
-    for record in records:
-        media = None
-        if media_loader is not None:
-            try:
-                counts, media = media_loader(record)
-            except OmnigptError as e:
-                where = f"line {record['_line']}: " if "_line" in record else ""
-                if not skip_bad_media:
-                    raise OmnigptError(
-                        f"{where}{e} (--skip-bad-media leaves such examples out)"
-                    ) from None
-                print(f"skipped {where}{e}", file=sys.stderr)
-                stats.skipped += 1
-                continue
-            record = with_placeholders(record, {k: len(v) for k, v in counts.items()})
-            r = render(tokenizer, record, counts)
-            if len(media.get("mel", [])) == 1:  # its answer, for a CTC loss on the encoder
-                answer = reference(record).strip()
-                media["transcript"] = tokenizer.encode(answer, allow_special=False)
-        else:
-            r = render(tokenizer, record)
-        x, y = r.ids[:-1], r.labels[1:]
-        if len(x) > block_size:
-            if too_long == "drop" or media:
-                stats.dropped += 1
-                continue
-            x, y = x[:block_size], y[:block_size]
-            if all(t == IGNORE_INDEX for t in y):
-                stats.dropped += 1
-                continue
-            stats.truncated += 1
-        examples.append((x, y, media) if media else (x, y))
-    stats.kept = len(examples)
-    return examples, stats
-
-
-def _media_inputs(examples: list[Example]) -> dict[str, torch.Tensor]:
-    """The examples' images and clips in order of appearance, as model inputs."""
-    media = [e[2] for e in examples if len(e) > 2]
-    return collate_media(media) if media else {}
-
-
-def _pad_rows(rows: list[Example], pad_id: int) -> tuple:
-    T = max(len(e[0]) for e in rows)
-    x = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    y = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
-    for i, (xi, yi, *_) in enumerate(rows):
-        x[i, : len(xi)] = torch.tensor(xi)
-        y[i, : len(yi)] = torch.tensor(yi)
-    return x, y, _media_inputs(rows)
-
-
-def pack_rows(rows: list[list[Example]], block_size: int, pad_id: int) -> tuple:
-    """Rows of several examples each → x, y (B, T), positions (B, T) and a mask (B, 1, T, T) that lets
-    a token see only earlier tokens of its own example."""
-    B, T = len(rows), block_size
-    x = torch.full((B, T), pad_id, dtype=torch.long)
-    y = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
-    positions = torch.zeros(B, T, dtype=torch.long)
-    segment = torch.full((B, T), -1, dtype=torch.long)
-    for i, row in enumerate(rows):
-        start = 0
-        for seg, (xi, yi, *_) in enumerate(row):
-            n = len(xi)
-            x[i, start : start + n] = torch.tensor(xi)
-            y[i, start : start + n] = torch.tensor(yi)
-            positions[i, start : start + n] = torch.arange(n)
-            segment[i, start : start + n] = seg
-            start += n
-        segment[i, start:] = torch.arange(len(row), len(row) + T - start)  # each pad on its own
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
-    mask = (segment[:, :, None] == segment[:, None, :]) & causal
-    extras = {"positions": positions, "attn_mask": mask[:, None]}
-    return x, y, {**extras, **_media_inputs([e for row in rows for e in row])}
-
-
-def _packed(examples: list[Example], order: list[int], block_size: int) -> list[list[Example]]:
-    """Greedy first-fit in `order`: a new row starts when the next example does not fit."""
-    rows, row, used = [], [], 0
-    for i in order:
-        n = len(examples[i][0])
-        if row and used + n > block_size:
-            rows.append(row)
-            row, used = [], 0
-        row.append(examples[i])
-        used += n
-    if row:
-        rows.append(row)
-    return rows
-
-
-class ExampleBatches:
-    """Endless shuffled fine-tuning batches; resumable, and split across DDP processes.
-
-    Padded mode sorts each chunk of 50 global batches by length before cutting it into batches (so
-    padding stays small) and shuffles the batch order. Packed mode fills rows of `block_size`.
-    Every process builds the same global batch of `batch_size · world_size` rows and takes its slice.
-    """
-
-    def __init__(
-        self,
-        examples: list[Example],
-        block_size: int,
-        batch_size: int,
-        pad_id: int,
-        seed: int,
-        pack: bool = False,
-        rank: int = 0,
-        world_size: int = 1,
-    ):
-        if not examples:
-            raise OmnigptError("no training examples left")
-        self.examples, self.block_size, self.batch_size = examples, block_size, batch_size
-        self.pad_id, self.seed, self.pack = pad_id, seed, pack
-        self.rank, self.world_size = rank, world_size
-        self.epoch, self.cursor = 0, 0
-        self._epoch_batches: list[list] | None = None
-
-    def _build_epoch(self) -> list[list]:
-        """The global batches of the current epoch: lists of examples (padded) or of rows (packed)."""
-        rng = random.Random(self.seed * 100_003 + self.epoch)
-        order = list(range(len(self.examples)))
-        rng.shuffle(order)
-        G = self.batch_size * self.world_size
-        if self.pack:
-            units = _packed(self.examples, order, self.block_size)
-        else:
-            units = []
-            chunk = G * 50
-            for c in range(0, len(order), chunk):
-                part = sorted(order[c : c + chunk], key=lambda i: len(self.examples[i][0]))
-                units += [self.examples[i] for i in part]
-        batches = [units[i : i + G] for i in range(0, len(units), G)]
-        if len(batches) > 1 and len(batches[-1]) < G:
-            batches.pop()  # every step sees a full global batch
-        if not self.pack:
-            rng.shuffle(batches)
-        return batches
-
-    def next_batch(self):
-        if self._epoch_batches is None:
-            self._epoch_batches = self._build_epoch()
-        if self.cursor >= len(self._epoch_batches):
-            self.epoch, self.cursor = self.epoch + 1, 0
-            self._epoch_batches = self._build_epoch()
-        batch = self._epoch_batches[self.cursor]
-        self.cursor += 1
-        mine = batch[self.rank :: self.world_size]
-        if self.pack:
-            return pack_rows(mine, self.block_size, self.pad_id)
-        return _pad_rows(mine, self.pad_id)
-
-    def batches_per_epoch(self) -> int:
-        return len(self._build_epoch())
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.cursor = state["epoch"], state["cursor"]
-        self._epoch_batches = None
-
-
-def eval_batches(
-    examples: list[Example],
-    block_size: int,
-    batch_size: int,
-    pad_id: int,
-    pack: bool = False,
-    rank: int = 0,
-    world_size: int = 1,
-) -> Iterator[tuple]:
-    """Every example once, in a fixed order (sorted by length when padded); processes split them."""
-    if pack:
-        rows = _packed(examples, list(range(len(examples))), block_size)[rank::world_size]
-        for i in range(0, len(rows), batch_size):
-            yield pack_rows(rows[i : i + batch_size], block_size, pad_id)
-        return
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))[rank::world_size]
-    for i in range(0, len(order), batch_size):
-        yield _pad_rows([examples[j] for j in order[i : i + batch_size]], pad_id)
-
-
-def media_loader(model, base_dir: Path) -> Callable[[dict], tuple[dict, dict]] | None:
-    """For a multimodal model, what reads a record's images and audio (paths relative to base_dir)."""
-    if not isinstance(model, MultimodalGPT):
-        return None
-    return functools.partial(
-        record_media,
-        base_dir=base_dir,
-        vision=model.vision.config if model.vision else None,
-        audio=model.audio.config if model.audio else None,
-    )
-
 
 # -- what to train --------------------------------------------------------------------------------
 
@@ -454,40 +184,50 @@ def new_model(
     return add_encoders(GPT(cfg), tokenizer, vision, audio), tokenizer
 
 
-# -- the entry point ------------------------------------------------------------------------------
+def save_new_model(
+    data: str | Path,
+    folder: str | Path,
+    model_cfg: ModelConfig,
+    tokenizer_spec: str = "char",
+    vision: str | None = None,
+    audio: str | None = None,
+    seed: int = 0,
+) -> Tokenizer:
+    """`new_model` for the examples in `data`, initialised from `seed` and saved as a checkpoint in
+    `folder` (what `train_on_examples` and staged training start from); returns its tokenizer."""
+    torch.manual_seed(seed)
+    model, tokenizer = new_model(read_records(data), model_cfg, tokenizer_spec, vision, audio)
+    save_checkpoint(folder, model, tokenizer)
+    return tokenizer
+
+
+# -- the entry points -----------------------------------------------------------------------------
 
 
 def finetune(
     base: str | Path,
     data: str | Path,
     out_dir: str | Path,
-    ft_cfg: FinetuneConfig,
-    train_cfg: TrainConfig,
+    ft_cfg: FinetuneConfig | None = None,
+    train_cfg: TrainConfig | None = None,
     val_data: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
     resume_overrides: dict[str, Any] | None = None,
 ) -> RunResult:
-    """Fine-tunes the model at `base` (an omnigpt run/checkpoint or Hugging Face GPT-2 folder) on the
-    JSONL examples in `data`, into run folder `out_dir`.
+    """Fine-tunes the model at `base` (anything `load_model` loads) on the JSONL examples in `data`,
+    into run folder `out_dir`; `train_cfg` defaults to `TrainConfig.finetuning()`.
 
     Validation examples come from `val_data`, or are a seeded random `val_fraction` of `data`. With
     `resume`, the model, data and settings come from the run folder (plus `resume_overrides`).
     """
     out_dir = Path(out_dir)
-    if resume:
-        if not (out_dir / "latest").is_dir():
-            raise OmnigptError(f"{out_dir}: nothing to resume (no latest/ checkpoint)")
-        saved = load_json(out_dir / "config.json")
+    ft_cfg, train_cfg = ft_cfg or FinetuneConfig(), train_cfg or TrainConfig.finetuning()
+    saved = open_run_folder(out_dir, resume)
+    if saved is not None:
         train_cfg = TrainConfig.from_dict({**saved["train"], **(resume_overrides or {})})
         ft_cfg = FinetuneConfig.from_dict(saved["finetune"])
         base, data, val_data = saved["base"], saved["data"], saved.get("val_data")
-    elif (out_dir / "latest").exists() or (out_dir / "best").exists():
-        raise OmnigptError(
-            f"{out_dir} already holds a run; pass --resume to continue it, or choose another --out"
-        )
-    records = read_records(data)
-    val_records = read_records(val_data) if val_data else None
     dist_info = setup_distributed(train_cfg.device)
     if resume and ft_cfg.method != "lora":
         model, tokenizer = load_model(out_dir / "latest")
@@ -496,88 +236,36 @@ def finetune(
         merge_lora(model)  # a LoRA run as the base: its adapters become part of the weights
         model = add_encoders(model, tokenizer, ft_cfg.vision, ft_cfg.audio)
     model.train()
-    pad_id = tokenizer.token_id(PAD)
-    if pad_id is None:
-        pad_id = tokenizer.eot_id if tokenizer.eot_id is not None else 0
-    block_size = model.config.block_size
-
-    if val_records is None:
-        order = list(range(len(records)))
-        random.Random(train_cfg.seed).shuffle(order)
-        n_val = max(1, math.ceil(len(records) * ft_cfg.val_fraction)) if len(records) > 1 else 0
-        val_records = [records[i] for i in order[:n_val]] or records
-        records = [records[i] for i in order[n_val:]] or records
-    loader = media_loader(model, Path(data).parent)
-    train_examples, train_stats = tokenize_records(
-        tokenizer, records, block_size, ft_cfg.too_long, loader, ft_cfg.skip_bad_media
-    )
-    val_loader = media_loader(model, Path(val_data or data).parent)
-    val_examples, val_stats = tokenize_records(
-        tokenizer, val_records, block_size, ft_cfg.too_long, val_loader, ft_cfg.skip_bad_media
-    )
-    if not val_examples:
-        raise OmnigptError(f"no validation example fits the context of {block_size} tokens")
+    train, val, stats = _examples(model, tokenizer, data, val_data, ft_cfg, train_cfg.seed)
 
     torch.manual_seed(train_cfg.seed)  # the same initial adapters on every process
     what = prepare_model(model, ft_cfg)
     extra: dict[str, Any] = {"finetune": ft_cfg.to_dict()}
     if ft_cfg.method == "lora":
-        extra["base"] = str(Path(base).resolve()) if Path(base).exists() else str(base)
-        extra["base_checksum"] = base_checksum(model, list(lora_layers(model)))
-        if resume:
-            saved_checksum = load_json(out_dir / "latest" / "config.json").get("base_checksum")
-            if saved_checksum and not same_base(extra["base_checksum"], saved_checksum):
-                raise OmnigptError(
-                    f"{out_dir}: its base {base} has changed since the adapters were trained"
-                )
-            load_adapter_state(model, read_adapter(out_dir / "latest"), str(out_dir / "latest"))
+        extra.update(_adapter_base(model, base, out_dir / "latest" if resume else None))
 
     torch.manual_seed(train_cfg.seed + dist_info.rank)
-    batches = ExampleBatches(
-        train_examples,
-        block_size,
-        train_cfg.batch_size,
-        pad_id,
-        train_cfg.seed,
-        ft_cfg.pack,
-        dist_info.rank,
-        dist_info.world_size,
-    )
-
+    block, batch = model.config.block_size, train_cfg.batch_size
+    rank, world = dist_info.rank, dist_info.world_size
+    pad = pad_id(tokenizer)
+    batches = ExampleBatches(train, block, batch, pad, train_cfg.seed, ft_cfg.pack, rank, world)
     if ft_cfg.epochs and not resume:
         per_epoch = batches.batches_per_epoch() / train_cfg.grad_accum
         train_cfg.max_steps = max(1, math.ceil(ft_cfg.epochs * per_epoch))
 
     def val_batches():
-        return eval_batches(
-            val_examples,
-            block_size,
-            train_cfg.batch_size,
-            pad_id,
-            ft_cfg.pack,
-            dist_info.rank,
-            dist_info.world_size,
-        )
+        return eval_batches(val, block, batch, pad, ft_cfg.pack, rank, world)
 
     if dist_info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        if saved is None:
+            config = {"model": model.config.to_dict(), "train": train_cfg.to_dict()}
+            config |= {"finetune": ft_cfg.to_dict(), "base": extra.get("base", str(base))}
+            config |= {"data": str(Path(data).resolve())}
+            config["val_data"] = str(Path(val_data).resolve()) if val_data else None
+            start_run_folder(out_dir, config, tokenizer)
         print(model.describe())
         print(what)
-        print(f"train: {train_stats}; validation: {val_stats}")
-        if not resume:
-            save_json(
-                out_dir / "config.json",
-                {
-                    "model": model.config.to_dict(),
-                    "train": train_cfg.to_dict(),
-                    "finetune": ft_cfg.to_dict(),
-                    "base": extra.get("base", str(base)),
-                    "data": str(Path(data).resolve()),
-                    "val_data": str(Path(val_data).resolve()) if val_data else None,
-                    "tokenizer_fingerprint": tokenizer.fingerprint,
-                },
-            )
-            tokenizer.save(out_dir)
+        print(stats)
     return fit(
         model,
         tokenizer,
@@ -586,7 +274,106 @@ def finetune(
         train_cfg,
         out_dir,
         dist_info,
-        resume,
-        progress,
+        resume=resume,
+        progress=progress,
         extra_config=extra,
+    )
+
+
+def _examples(
+    model: GPT | MultimodalGPT,
+    tokenizer: Tokenizer,
+    data: str | Path,
+    val_data: str | Path | None,
+    cfg: FinetuneConfig,
+    seed: int,
+) -> tuple[list[Example], list[Example], str]:
+    """Training and validation examples, and a line that counts them. Without `val_data`, a seeded
+    random `val_fraction` of `data` is held out."""
+    records = read_records(data)
+    if val_data:
+        val_records = read_records(val_data)
+    else:
+        order = list(range(len(records)))
+        random.Random(seed).shuffle(order)
+        n_val = max(1, math.ceil(len(records) * cfg.val_fraction)) if len(records) > 1 else 0
+        val_records = [records[i] for i in order[:n_val]] or records
+        records = [records[i] for i in order[n_val:]] or records
+    block = model.config.block_size
+    train, train_stats = encode_records(
+        tokenizer,
+        records,
+        block,
+        cfg.too_long,
+        media_loader(model, Path(data).parent),
+        cfg.skip_bad_media,
+    )
+    val, val_stats = encode_records(
+        tokenizer,
+        val_records,
+        block,
+        cfg.too_long,
+        media_loader(model, Path(val_data or data).parent),
+        cfg.skip_bad_media,
+    )
+    if not val:
+        raise OmnigptError(f"no validation example fits the context of {block} tokens")
+    return train, val, f"train: {train_stats}; validation: {val_stats}"
+
+
+def _adapter_base(model: GPT, base: str | Path, resume_from: Path | None) -> dict[str, Any]:
+    """What a LoRA run records of its base: where it is and a checksum of the adapted weights. A
+    resumed run is refused when its base has changed, then takes its saved adapters."""
+    info = {
+        "base": str(Path(base).resolve()) if Path(base).exists() else str(base),
+        "base_checksum": base_checksum(model, list(lora_layers(model))),
+    }
+    if resume_from is not None:
+        saved_checksum = load_json(resume_from / "config.json").get("base_checksum")
+        if saved_checksum and not same_base(info["base_checksum"], saved_checksum):
+            raise OmnigptError(
+                f"{resume_from.parent}: its base {base} has changed since the adapters were trained"
+            )
+        load_adapter_state(model, read_adapter(resume_from), str(resume_from))
+    return info
+
+
+def train_on_examples(
+    data: str | Path,
+    out_dir: str | Path,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    tokenizer_spec: str = "char",
+    vision: str | None = None,
+    audio: str | None = None,
+    pack: bool = False,
+    resume: bool = False,
+    progress: bool = True,
+    resume_overrides: dict[str, Any] | None = None,
+) -> RunResult:
+    """A new model (encoders as asked, a tokenizer trained on the examples' text) saved in
+    out_dir/init, then trained on every weight by `finetune()`, in the same kind of run folder as
+    `pretrain`. With `resume`, the run in `out_dir` continues."""
+    out_dir = Path(out_dir)
+    if not resume:
+        open_run_folder(out_dir, resume=False)
+        if (out_dir / "init").exists():
+            raise OmnigptError(
+                f"{out_dir} already holds a run; pass --resume, or choose another --out"
+            )
+        spec = tokenizer_spec
+        tokenizer = save_new_model(
+            data, out_dir / "init", model_cfg, spec, vision, audio, train_cfg.seed
+        )
+        print(f"new model in {out_dir / 'init'} ({tokenizer.vocab_size} tokens: {spec})")
+    ft_cfg = FinetuneConfig(method="full", pack=pack)
+    return finetune(
+        out_dir / "init",
+        data,
+        out_dir,
+        ft_cfg,
+        train_cfg,
+        resume=resume,
+        progress=progress,
+        resume_overrides=resume_overrides,
     )

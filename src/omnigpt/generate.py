@@ -147,45 +147,18 @@ def generate_tokens(
             f"prompt of {longest} tokens is longer than the model's context of {block_size}"
         )
     max_new = min(opts.max_new_tokens, block_size - longest)
-    if eot_id is None:
-        stop_ids: set[int] = set()
-    else:
-        stop_ids = {eot_id} if isinstance(eot_id, int) else set(eot_id)
+    stop_ids = set() if eot_id is None else {eot_id} if isinstance(eot_id, int) else set(eot_id)
     device = model.wte.weight.device
-    generator = None
-    if opts.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(opts.seed)
+    generator = None if opts.seed is None else torch.Generator(device).manual_seed(opts.seed)
 
     tokens, pads = left_pad(prompts)
     tokens, pads = tokens.to(device), pads.to(device)
     B, T = tokens.shape
     total = T + max_new
     caches = model.make_caches(B, total)
-    padded = bool(pads.any())
-    if padded:  # per-sequence positions and a mask that hides each sequence's padding
-        key_valid = torch.arange(total, device=device)[None] >= pads[:, None]  # (B, total)
-        causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
-        mask = causal[None, None] & key_valid[:, None, None, :T]  # (B, 1, T, T)
-        # pad rows attend to themselves, so no row is all-masked (which would give NaN)
-        mask |= torch.eye(T, dtype=torch.bool, device=device)
-        positions = (torch.arange(T, device=device)[None] - pads[:, None]).clamp(min=0)
-        logits, _ = model(
-            tokens,
-            positions=positions,
-            attn_mask=mask,
-            caches=caches,
-            last_only=True,
-            **(prefill_inputs or {}),
-        )
-    else:
-        logits, _ = model(tokens, caches=caches, last_only=True, **(prefill_inputs or {}))
-
+    logits, key_valid = _prefill(model, tokens, pads, caches, total, prefill_inputs or {})
     vocab = vocab_limit or logits.size(-1)
-    seen = None
-    if opts.repetition_penalty != 1.0:
-        seen = torch.zeros(B, vocab, dtype=torch.bool, device=device)
-        for row in range(B):  # the prompt's own tokens, not its padding
-            seen[row, tokens[row, int(pads[row]) :].clamp(max=vocab - 1)] = True
+    seen = _prompt_tokens(tokens, pads, vocab) if opts.repetition_penalty != 1.0 else None
     out = torch.empty(B, max_new, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     lengths = [max_new] * B
@@ -193,13 +166,7 @@ def generate_tokens(
     for step in range(max_new):
         next_logits = logits[:, -1, :vocab].float()
         if step == 0 and first_allowed is not None:
-            keep = torch.zeros_like(next_logits, dtype=torch.bool)
-            for row, allowed in enumerate(first_allowed):
-                if allowed is None:
-                    keep[row] = True
-                else:
-                    keep[row, torch.tensor(allowed, dtype=torch.long, device=device)] = True
-            next_logits = next_logits.masked_fill(~keep, float("-inf"))
+            next_logits = _only_allowed(next_logits, first_allowed)
         if seen is not None:
             next_logits = apply_repetition_penalty(next_logits, seen, opts.repetition_penalty)
         if rescore is not None:
@@ -222,19 +189,79 @@ def generate_tokens(
                 lengths[row] = step + (0 if ids[row] in stop_ids and opts.stop_at_eot else 1)
         if bool(done.all()) or step == max_new - 1:
             break
-        pos = T + step  # cache index of the token being fed
-        if padded:
-            logits, _ = model(
-                next_ids[:, None],
-                positions=(pos - pads)[:, None],
-                attn_mask=key_valid[:, None, None, : pos + 1],
-                caches=caches,
-                start_pos=pos,
-            )
-        else:
-            logits, _ = model(next_ids[:, None], caches=caches, start_pos=pos)
+        # feed the chosen tokens; they sit at cache index T + step
+        logits = _decode_step(model, next_ids, pads, key_valid, caches, T + step)
     out = out.tolist()
     return [row[:n] for row, n in zip(out, lengths, strict=True)]
+
+
+def _prefill(
+    model: GPT,
+    tokens: torch.Tensor,
+    pads: torch.Tensor,
+    caches: list,
+    total: int,
+    inputs: dict,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The prompt pass over left-padded `tokens` (B, T), filling the caches; the last position's
+    logits (B, 1, V), and for a padded batch which cache slots each sequence may attend to
+    (B, total), else None."""
+    if not bool(pads.any()):
+        logits, _ = model(tokens, caches=caches, last_only=True, **inputs)
+        return logits, None
+    device, T = tokens.device, tokens.size(1)
+    # per-sequence positions and a mask that hides each sequence's padding
+    key_valid = torch.arange(total, device=device)[None] >= pads[:, None]  # (B, total)
+    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    mask = causal[None, None] & key_valid[:, None, None, :T]  # (B, 1, T, T)
+    # pad rows attend to themselves, so no row is all-masked (which would give NaN)
+    mask |= torch.eye(T, dtype=torch.bool, device=device)
+    positions = (torch.arange(T, device=device)[None] - pads[:, None]).clamp(min=0)
+    logits, _ = model(
+        tokens, positions=positions, attn_mask=mask, caches=caches, last_only=True, **inputs
+    )
+    return logits, key_valid
+
+
+def _decode_step(
+    model: GPT,
+    ids: torch.Tensor,
+    pads: torch.Tensor,
+    key_valid: torch.Tensor | None,
+    caches: list,
+    pos: int,
+) -> torch.Tensor:
+    """One token per sequence (B,) fed at cache index `pos`; the next logits (B, 1, V)."""
+    if key_valid is None:
+        logits, _ = model(ids[:, None], caches=caches, start_pos=pos)
+    else:
+        logits, _ = model(
+            ids[:, None],
+            positions=(pos - pads)[:, None],
+            attn_mask=key_valid[:, None, None, : pos + 1],
+            caches=caches,
+            start_pos=pos,
+        )
+    return logits
+
+
+def _prompt_tokens(tokens: torch.Tensor, pads: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Which ids (B, vocab) each left-padded prompt holds, its padding left out."""
+    seen = torch.zeros(tokens.size(0), vocab, dtype=torch.bool, device=tokens.device)
+    for row in range(tokens.size(0)):
+        seen[row, tokens[row, int(pads[row]) :].clamp(max=vocab - 1)] = True
+    return seen
+
+
+def _only_allowed(logits: torch.Tensor, allowed: Sequence[Sequence[int] | None]) -> torch.Tensor:
+    """`logits` (B, V) with every id outside each row's allowed ids at -inf (None: all allowed)."""
+    keep = torch.zeros_like(logits, dtype=torch.bool)
+    for row, ids in enumerate(allowed):
+        if ids is None:
+            keep[row] = True
+        else:
+            keep[row, torch.tensor(ids, dtype=torch.long, device=logits.device)] = True
+    return logits.masked_fill(~keep, float("-inf"))
 
 
 def generate_text(

@@ -1,4 +1,4 @@
-"""What the machine computes fast: the precision `auto` picks, and a description of the machine.
+"""What the machine computes fast: the device and precision `auto` picks, and a description of it.
 
     resolve_precision("auto", torch.device("cpu"))  # "bf16" with AMX (or where a probe finds it faster)
     with autocast(device, "auto"): ...              # bf16 autocast only where bf16 is native
@@ -28,6 +28,13 @@ PROBE_SIZE = 256  # the probe multiplies PROBE_SIZE² matrices: ~34 MFLOP, milli
 PROBE_MARGIN = 0.8  # bf16 counts as native when its matmul takes under 0.8× the fp32 time
 
 _warned: set[str] = set()
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """`auto`: the GPU when there is one, else the CPU; any other name as torch spells it."""
+    if name != "auto":
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def cpu_capability() -> str:

@@ -12,39 +12,15 @@ so the base model's checkpoint keys are untouched and adapters save on their own
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from omnigpt.config import DEFAULT_LORA_TARGETS, LoRAConfig
 from omnigpt.errors import OmnigptError
 
-DEFAULT_TARGETS = ("c_attn", "c_proj", "c_fc")  # every Linear in the Transformer blocks
-
-
-@dataclass
-class LoRAConfig:
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: tuple[str, ...] = DEFAULT_TARGETS  # Linear layers whose name ends with one of these
-
-    def __post_init__(self) -> None:
-        self.targets = tuple(self.targets)
-        if self.rank < 1:
-            raise OmnigptError(f"LoRA rank must be at least 1, got {self.rank}")
-        if not 0 <= self.dropout < 1:
-            raise OmnigptError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["targets"] = list(self.targets)
-        return d
+__all__ = ["DEFAULT_LORA_TARGETS", "LoRAConfig", "LoRALinear", "add_lora", "merge_lora"]
 
 
 class LoRALinear(nn.Linear):

@@ -18,9 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from omnigpt.config import AudioConfig, VisionConfig
+from omnigpt.config import AudioConfig
 from omnigpt.errors import OmnigptError
-from omnigpt.tokenizer import AUDIO, IMAGE
 
 # -- images ---------------------------------------------------------------------------------------
 
@@ -117,71 +116,3 @@ def log_mel(wave: torch.Tensor, cfg: AudioConfig) -> torch.Tensor:
     mel = (filters @ power).clamp(min=1e-10).log10()
     mel = torch.maximum(mel, mel.max() - 8.0)
     return (mel + 4.0) / 4.0
-
-
-# -- the media of one example ---------------------------------------------------------------------
-
-
-def record_media(
-    record: dict,
-    base_dir: Path,
-    vision: VisionConfig | None,
-    audio: AudioConfig | None,
-) -> tuple[dict[str, list[int]], dict[str, object]]:
-    """Loads the files a record names under "image" / "audio" (a path or a list of paths, relative
-    to `base_dir`). Returns the token count of each, per placeholder, and the tensors:
-    {"images": (N, 3, S, S), "mel": [(n_mels, T), ...]}. Raises OmnigptError naming the file."""
-    counts: dict[str, list[int]] = {}
-    media: dict[str, object] = {}
-    images = _paths(record.get("image"))
-    if images:
-        if vision is None:
-            raise OmnigptError("the example has an image but the model has no image encoder")
-        media["images"] = torch.stack([load_image(base_dir / p, vision.image_size) for p in images])
-        counts[IMAGE] = [vision.tokens] * len(images)
-    clips = _paths(record.get("audio"))
-    if clips:
-        if audio is None:
-            raise OmnigptError("the example has audio but the model has no audio encoder")
-        mels = []
-        for p in clips:
-            mel = log_mel(load_audio(base_dir / p, audio.sample_rate), audio)
-            if mel.size(-1) > audio.max_frames:
-                raise OmnigptError(
-                    f"{base_dir / p}: longer than the model's {audio.max_seconds:g} s"
-                )
-            mels.append(mel)
-        media["mel"] = mels
-        counts[AUDIO] = [audio.tokens(m.size(-1)) for m in mels]
-    return counts, media
-
-
-def _paths(value) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return value
-    raise OmnigptError("'image' and 'audio' must be a path or a list of paths")
-
-
-def collate_media(media: list[dict]) -> dict[str, torch.Tensor]:
-    """The media of several examples, in order, as model inputs: images (N, 3, S, S), and clips
-    zero-padded to the longest, mel (M, n_mels, T), with their true lengths `frames` (M,). When
-    every clip comes with a "transcript" (token ids), also those, concatenated, as `ctc_targets`
-    with their lengths `ctc_lengths` (M,)."""
-    out: dict[str, torch.Tensor] = {}
-    images = [m["images"] for m in media if "images" in m]
-    if images:
-        out["images"] = torch.cat(images)
-    mels = [mel for m in media for mel in m.get("mel", [])]
-    if mels:
-        longest = max(m.size(-1) for m in mels)
-        out["mel"] = torch.stack([F.pad(m, (0, longest - m.size(-1))) for m in mels])
-        out["frames"] = torch.tensor([m.size(-1) for m in mels])
-        transcripts = [m["transcript"] for m in media if "mel" in m and "transcript" in m]
-        if len(transcripts) == len(mels) and all(transcripts):
-            out["ctc_targets"] = torch.tensor([t for ids in transcripts for t in ids])
-            out["ctc_lengths"] = torch.tensor([len(ids) for ids in transcripts])
-    return out

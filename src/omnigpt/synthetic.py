@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from omnigpt.errors import OmnigptError
+
 # -- shapes ---------------------------------------------------------------------------------------
 
 COLOURS = {
@@ -223,3 +225,33 @@ def write_keypad(out_dir: str | Path, n: int, seed: int, digits: tuple[int, int]
         soundfile.write(out_dir / name, clip.wave, SAMPLE_RATE)
         records.append({"audio": name, "prompt": TRANSCRIBE_PROMPT, "completion": clip.text})
     return _write_jsonl(out_dir / "keypad.jsonl", records)
+
+
+def write_datasets(
+    kinds: list[str],
+    out_dir: str | Path,
+    n: int,
+    seed: int,
+    questions: bool = True,
+    max_shapes: int = 3,
+    max_digits: int = 6,
+) -> list[tuple[Path, int]]:
+    """The built-in data sets named in `kinds` ("shapes", "keypad") under out_dir; with both, also
+    out_dir/all.jsonl holding every example, shuffled. Returns each JSONL file and its example count."""
+    written, lines = [], []
+    for kind in dict.fromkeys(kinds):
+        if kind == "shapes":
+            path = write_shapes(out_dir, n, seed, questions, (1, max_shapes))
+        elif kind == "keypad":
+            path = write_keypad(out_dir, n, seed, (1, max_digits))
+        else:
+            raise OmnigptError(f"unknown data set {kind!r} (shapes, keypad)")
+        these = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        written.append((path, len(these)))
+        lines += these
+    if len(written) > 1:
+        random.Random(seed).shuffle(lines)
+        path = Path(out_dir) / "all.jsonl"
+        path.write_text("".join(lines), encoding="utf-8")
+        written.append((path, len(lines)))
+    return written

@@ -34,6 +34,8 @@ SPECIAL_TOKENS = [EOT, PAD, IMAGE, AUDIO, SYSTEM, USER, ASSISTANT, END_OF_TURN] 
     f"<|reserved_{i}|>" for i in range(N_RESERVED)
 ]
 TOKENIZER_FILE = "tokenizer.json"
+# a label that is no token id: the position is not a training target (cross-entropy skips it)
+IGNORE_INDEX = -100
 
 
 class Tokenizer:

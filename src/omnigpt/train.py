@@ -1,22 +1,26 @@
-"""Training: one `fit()` loop shared by pretraining, fine-tuning and, later, multimodal training.
+"""Training: one `fit()` loop shared by pretraining, fine-tuning and multimodal training, and
+`pretrain()`, next-token prediction on a prepared folder.
 
     result = pretrain("data/shakespeare", "runs/shake", ModelConfig.from_preset("micro"), TrainConfig())
 
-`fit` does, in order, every step: draw the micro-batches, forward/backward each (loss normalised by
-the token count of the whole step, across processes), clip, step the optimizers on a warmup + cosine
-schedule; every `eval_interval` steps it evaluates and writes `latest/` (and `best/` on improvement).
-It stops at `max_steps`, at `max_seconds`, on early stopping, or on Ctrl-C / SIGTERM (after saving).
-Under `torchrun` it runs DistributedDataParallel: gloo on CPU, NCCL on GPU.
+Every step of `fit` (see `train_step`) draws the micro-batches, runs forward/backward on each (the
+loss normalised by the token count of the whole step, across processes), clips, and steps the
+optimizers on a warmup + cosine schedule. Every `eval_interval` steps it evaluates and writes
+`latest/` (and `best/` on improvement). It stops at `max_steps`, at `max_seconds`, on early stopping,
+or on Ctrl-C / SIGTERM (after saving). Under `torchrun` it runs DistributedDataParallel: gloo on CPU,
+NCCL on GPU.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,18 +29,24 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from omnigpt.checkpoint import load_checkpoint, load_trainer_state, save_checkpoint
+from omnigpt.checkpoint import (
+    load_checkpoint,
+    load_trainer_state,
+    open_run_folder,
+    save_checkpoint,
+    start_run_folder,
+)
 from omnigpt.config import UNLIMITED_STEPS, ModelConfig, TrainConfig, load_json, save_json
 from omnigpt.data import RandomWindows, load_tokens, sequential_windows
 from omnigpt.errors import OmnigptError
-from omnigpt.hardware import autocast, resolve_precision
-from omnigpt.model import GPT, IGNORE_INDEX
+from omnigpt.hardware import autocast, pick_device, resolve_precision
+from omnigpt.model import GPT
 from omnigpt.muon import Muon
-from omnigpt.tokenizer import Tokenizer
+from omnigpt.tokenizer import IGNORE_INDEX, Tokenizer
 
 
 class Batches(Protocol):
-    """What `fit` draws training batches from: `RandomWindows`, `finetune.ExampleBatches`."""
+    """What `fit` draws training batches from: `data.RandomWindows`, `examples.ExampleBatches`."""
 
     block_size: int
 
@@ -57,14 +67,6 @@ class Dist:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
 
 
 def setup_distributed(device_name: str = "auto") -> Dist:
@@ -159,7 +161,7 @@ def lr_factor(step: int, progress: float, cfg: TrainConfig) -> float:
 @torch.no_grad()
 def evaluate_loss(
     model: GPT,
-    batches,
+    batches: Iterable[tuple],
     device: torch.device,
     dist_info: Dist | None = None,
     precision: str = "auto",
@@ -192,7 +194,116 @@ def _unpack(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, di
     return x.to(device, non_blocking=True), y.to(device, non_blocking=True), extras
 
 
-# -- the loop -------------------------------------------------------------------------------------
+# -- one step -------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepStats:
+    """What one optimizer step saw; tensors stay on the device until a log line reads them."""
+
+    loss_sum: torch.Tensor  # summed token losses of this process
+    targets: torch.Tensor  # target tokens of the whole step, all processes
+    tokens: int  # tokens processed (padding included) by all processes
+    grad_norm: torch.Tensor | None
+
+    def mean_loss(self, dist_info: Dist) -> float:
+        """The loss over the global batch, as one process would see it."""
+        if dist_info.world_size > 1:
+            dist.all_reduce(self.loss_sum)
+        return self.loss_sum.item() / max(self.targets.item(), 1)
+
+
+def train_step(
+    model: GPT,
+    train_model: torch.nn.Module,
+    optimizers: list[torch.optim.Optimizer],
+    micro: list[tuple],
+    cfg: TrainConfig,
+    precision: str,
+    dist_info: Dist,
+) -> StepStats:
+    """Forward and backward over the micro-batches, then clip and step the optimizers.
+
+    Each micro-batch's loss is weighted by its share of the target tokens of the whole step (all
+    micro-batches, all processes), so accumulation and DDP give the gradient of one big batch."""
+    device = dist_info.device
+    targets = torch.tensor(float(sum((b[1] != IGNORE_INDEX).sum() for b in micro)), device=device)
+    if dist_info.world_size > 1:
+        dist.all_reduce(targets)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for i, batch in enumerate(micro):
+        x, y, extras = _unpack(batch, device)
+        sync = i == len(micro) - 1 or dist_info.world_size == 1
+        with (
+            contextlib.nullcontext() if sync else train_model.no_sync(),
+            autocast(device, precision),
+        ):
+            _, loss = train_model(x, y, **extras)
+            n = (y != IGNORE_INDEX).sum()
+            # DDP averages gradients over processes, hence × world_size
+            scaled = loss * n * dist_info.world_size / targets
+        scaled.backward()
+        loss_sum += loss.detach().double() * n
+    grad_norm = None
+    if cfg.grad_clip > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    for opt in optimizers:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    tokens = sum(b[0].numel() for b in micro) * dist_info.world_size
+    return StepStats(loss_sum, targets, tokens, grad_norm)
+
+
+def set_lr(optimizers: list[torch.optim.Optimizer], factor: float) -> None:
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * factor
+
+
+# -- the run --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Progress:
+    """Where a run stands; saved with `latest/` so that a resumed run continues exactly."""
+
+    step: int = 0
+    tokens: int = 0
+    elapsed: float = 0.0  # training seconds before `since`
+    best_val: float = math.inf
+    bad_evals: int = 0  # evaluations in a row without a new best
+    since: float = field(default_factory=lambda: time.time(), repr=False)
+
+    def seconds(self) -> float:
+        """Training seconds so far, earlier processes of the run included."""
+        return self.elapsed + time.time() - self.since
+
+    def fraction_done(self, cfg: TrainConfig) -> float:
+        """How far through its budget the run is: steps, or time when that is further."""
+        done = self.step / cfg.max_steps
+        return max(done, self.seconds() / cfg.max_seconds) if cfg.max_seconds else done
+
+    def record_val(self, loss: float) -> bool:
+        """Takes a validation loss; whether it is a new best."""
+        improved = loss < self.best_val
+        self.best_val, self.bad_evals = (
+            (loss, 0) if improved else (self.best_val, self.bad_evals + 1)
+        )
+        return improved
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "tokens": self.tokens,
+            "elapsed": self.seconds(),
+            "best_val": self.best_val,
+            "bad_evals": self.bad_evals,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed"]
+        self.best_val, self.bad_evals = state["best_val"], state["bad_evals"]
+        self.since = time.time()
 
 
 @dataclass
@@ -216,11 +327,142 @@ class RunResult:
         )
 
 
+class RunCheckpoints:
+    """A run's `best/` (weights) and `latest/` (weights and everything needed to resume: optimizer
+    states, the data loader's position, the RNG and the run's progress); the main process writes."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        model: GPT,
+        tokenizer: Tokenizer,
+        optimizers: list[torch.optim.Optimizer],
+        batches: Batches,
+        progress: Progress,
+        extra_config: dict[str, Any] | None,
+        is_main: bool,
+    ):
+        self.run_dir, self.model, self.tokenizer = run_dir, model, tokenizer
+        self.optimizers, self.batches, self.progress = optimizers, batches, progress
+        self.extra_config, self.is_main = extra_config, is_main
+
+    def resume(self) -> None:
+        """Everything as `latest/` left it."""
+        state = load_trainer_state(self.run_dir / "latest")
+        for opt, opt_state in zip(self.optimizers, state["optimizers"], strict=True):
+            opt.load_state_dict(opt_state)
+        self.batches.load_state_dict(state["loader"])
+        torch.set_rng_state(state["torch_rng"])
+        self.progress.load_state_dict(state)
+
+    def save(self, folder: str, loader_state: dict | None = None, rng: torch.Tensor | None = None):
+        """Writes `folder` ("best" or "latest"); `loader_state` and `rng` rewind an interrupted step."""
+        if not self.is_main:
+            return
+        trainer_state = None
+        if folder == "latest":
+            trainer_state = {
+                "optimizers": [opt.state_dict() for opt in self.optimizers],
+                "loader": self.batches.state_dict() if loader_state is None else loader_state,
+                "torch_rng": torch.get_rng_state() if rng is None else rng,
+                **self.progress.state_dict(),
+            }
+        model, tokenizer = self.model, self.tokenizer
+        save_checkpoint(self.run_dir / folder, model, tokenizer, trainer_state, self.extra_config)
+
+
+class RunLog:
+    """The run's record: metrics.jsonl lines, the progress bar and printed evaluations (main process
+    only), and the training throughput since the last log line."""
+
+    def __init__(self, run_dir: Path, cfg: TrainConfig, progress: Progress, main: bool, bar: bool):
+        self.run_dir, self.cfg, self.progress = run_dir, cfg, progress
+        self.file = open(run_dir / "metrics.jsonl", "a") if main else None
+        self.bar = tqdm(
+            total=None if cfg.max_steps >= UNLIMITED_STEPS else cfg.max_steps,
+            initial=progress.step,
+            unit="step",
+            disable=not (main and bar),
+            dynamic_ncols=True,
+        )
+        self.restart_window()
+
+    def restart_window(self) -> None:
+        """Tokens/s counts training only: evaluations and saves restart the window."""
+        self.window_start, self.window_tokens = time.time(), 0
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def step(self, stats: StepStats, lr: float, dist_info: Dist) -> None:
+        p, cfg = self.progress, self.cfg
+        self.window_tokens += stats.tokens
+        if p.step % cfg.log_interval == 0 or p.step == 1:
+            loss = stats.mean_loss(dist_info)
+            tps = self.window_tokens / max(time.time() - self.window_start, 1e-9)
+            self.restart_window()
+            grad_norm = None if stats.grad_norm is None else round(stats.grad_norm.item(), 4)
+            self.write(
+                {
+                    "step": p.step,
+                    "loss": round(loss, 5),
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "tokens": p.tokens,
+                    "tokens_per_s": round(tps),
+                    "elapsed": round(p.seconds(), 2),
+                }
+            )
+            self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
+            if cfg.max_seconds:
+                self.bar.set_description(f"{max(cfg.max_seconds - p.seconds(), 0):.0f}s left")
+        self.bar.update(1)
+
+    def val(self, loss: float, final: bool = False) -> None:
+        ppl = math.exp(loss)
+        record = {"step": self.progress.step, "val_loss": round(loss, 5), "val_ppl": round(ppl, 3)}
+        self.write({**record, "final": True} if final else record)
+        if not final and not self.bar.disable:
+            self.bar.write(f"step {self.progress.step}: val loss {loss:.4f} (perplexity {ppl:.2f})")
+
+    def announce(self, precision: str, device: torch.device) -> None:
+        if not self.bar.disable:
+            auto = self.cfg.precision == "auto"
+            print(f"precision: {precision}" + (f" (auto on this {device.type})" if auto else ""))
+
+    def close(self, result: RunResult | None = None) -> None:
+        """Closes the log; at the end of a run also writes summary.json and the loss curve."""
+        self.bar.close()
+        if self.file is None:
+            return
+        self.file.close()
+        self.file = None
+        if result is not None:
+            save_json(self.run_dir / "summary.json", result.__dict__)
+            plot_losses(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
+
+
+def resolve_run_precision(precision: str, dist_info: Dist) -> str:
+    """ "auto" resolved for this machine; under DDP every process takes rank 0's answer (a measured
+    probe may differ between processes)."""
+    precision = resolve_precision(precision, dist_info.device)
+    if dist_info.world_size > 1:
+        bf16 = torch.tensor([int(precision == "bf16")], device=dist_info.device)
+        dist.broadcast(bf16, src=0)
+        precision = "bf16" if bf16.item() else "fp32"
+    return precision
+
+
+# -- the loop -------------------------------------------------------------------------------------
+
+
 def fit(
     model: GPT,
     tokenizer: Tokenizer,
     train_batches: Batches,
-    val,
+    val: Callable[[], Iterable[tuple]],
     cfg: TrainConfig,
     run_dir: str | Path,
     dist_info: Dist,
@@ -231,219 +473,69 @@ def fit(
     """Trains `model` in place; writes checkpoints, metrics.jsonl, loss.png and summary.json to run_dir.
 
     `train_batches` has `next_batch()` → (x, y) or (x, y, extras), and `state_dict()` /
-    `load_state_dict()` for resuming. `val` is a token array (evaluated in windows of the block size)
-    or a function returning an iterable of validation batches.
+    `load_state_dict()` for resuming. `val()` returns this process's validation batches (for a
+    token array: `functools.partial(data.sequential_windows, tokens, block_size, batch_size)`).
     """
-    run_dir = Path(run_dir)
-    device = dist_info.device
+    run_dir, device = Path(run_dir), dist_info.device
     model.to(device)
-    precision = resolve_precision(cfg.precision, device)  # "auto" → what this machine runs fastest
-    if dist_info.world_size > 1:  # every process computes as rank 0 decided (a probe may differ)
-        bf16 = torch.tensor([int(precision == "bf16")], device=device)
-        dist.broadcast(bf16, src=0)
-        precision = "bf16" if bf16.item() else "fp32"
+    precision = resolve_run_precision(cfg.precision, dist_info)
     optimizers = build_optimizers(model, cfg, device)
-    step, tokens_seen, elapsed_before, best_val, bad_evals = 0, 0, 0.0, math.inf, 0
+    state = Progress()
+    checkpoints = RunCheckpoints(
+        run_dir, model, tokenizer, optimizers, train_batches, state, extra_config, dist_info.is_main
+    )
     if resume:
-        state = load_trainer_state(run_dir / "latest")
-        for opt, opt_state in zip(optimizers, state["optimizers"], strict=True):
-            opt.load_state_dict(opt_state)
-        train_batches.load_state_dict(state["loader"])
-        torch.set_rng_state(state["torch_rng"])
-        step, tokens_seen, elapsed_before = state["step"], state["tokens"], state["elapsed"]
-        best_val, bad_evals = state["best_val"], state["bad_evals"]
-
+        checkpoints.resume()
     train_model = torch.compile(model) if cfg.compile else model
     if dist_info.world_size > 1:
-        train_model = DistributedDataParallel(
-            train_model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    log_file = open(run_dir / "metrics.jsonl", "a") if dist_info.is_main else None
+        ids = [device.index] if device.type == "cuda" else None
+        train_model = DistributedDataParallel(train_model, device_ids=ids)
 
-    def log(record: dict[str, Any]) -> None:
-        if log_file is not None:
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
-
-    def run_eval() -> float:
-        if callable(val):
-            batches = val()
-        else:
-            batches = sequential_windows(
-                val,
-                train_batches.block_size,
-                cfg.batch_size,
-                cfg.eval_batches,
-                dist_info.rank,
-                dist_info.world_size,
-            )
-        return evaluate_loss(model, batches, device, dist_info, precision)
-
-    def save(
-        folder: str, loader_state: dict | None = None, rng_state: torch.Tensor | None = None
-    ) -> None:
-        """Writes best/ (weights) or latest/ (weights and everything needed to resume)."""
-        if not dist_info.is_main:
-            return
-        trainer_state = None
-        if folder == "latest":
-            trainer_state = {
-                "optimizers": [opt.state_dict() for opt in optimizers],
-                "loader": loader_state if loader_state is not None else train_batches.state_dict(),
-                "torch_rng": rng_state if rng_state is not None else torch.get_rng_state(),
-                "step": step,
-                "tokens": tokens_seen,
-                "elapsed": elapsed_before + (time.time() - t0),
-                "best_val": best_val,
-                "bad_evals": bad_evals,
-            }
-        save_checkpoint(run_dir / folder, model, tokenizer, trainer_state, extra_config)
-
-    t0 = time.time()
-    window_t, window_tokens = time.time(), 0
-    val_loss: float | None = None
-    stopped_by = "max_steps"
-    bar = tqdm(
-        total=None if cfg.max_steps >= UNLIMITED_STEPS else cfg.max_steps,
-        initial=step,
-        unit="step",
-        disable=not (progress and dist_info.is_main),
-        dynamic_ncols=True,
-    )
-    if progress and dist_info.is_main:
-        auto = f" ({cfg.precision} on this {device.type})" if cfg.precision == "auto" else ""
-        print(f"precision: {precision}{auto}")
+    log = RunLog(run_dir, cfg, state, dist_info.is_main, progress)
+    log.announce(precision, device)
     model.train()
-    loader_state, rng_state = train_batches.state_dict(), torch.get_rng_state()
+    stopped_by = "max_steps"
+    loader_state, rng = train_batches.state_dict(), torch.get_rng_state()
     try:
-        while step < cfg.max_steps:
-            elapsed = elapsed_before + time.time() - t0
-            if cfg.max_seconds is not None and elapsed >= cfg.max_seconds:
+        while state.step < cfg.max_steps:
+            if cfg.max_seconds is not None and state.seconds() >= cfg.max_seconds:
                 stopped_by = "max_seconds"
                 break
-            progress_frac = step / cfg.max_steps
-            if cfg.max_seconds:
-                progress_frac = max(progress_frac, elapsed / cfg.max_seconds)
-            factor = lr_factor(step, progress_frac, cfg)
-            for opt in optimizers:
-                for group in opt.param_groups:
-                    group["lr"] = group["initial_lr"] * factor
-
-            # Normalise by the tokens of the whole step (all micro-batches, all processes), so that
-            # accumulation and DDP give the same gradient as one big batch.
+            factor = lr_factor(state.step, state.fraction_done(cfg), cfg)
+            set_lr(optimizers, factor)
             # where this step starts, for a Ctrl-C during it
-            loader_state, rng_state = train_batches.state_dict(), torch.get_rng_state()
+            loader_state, rng = train_batches.state_dict(), torch.get_rng_state()
             micro = [train_batches.next_batch() for _ in range(cfg.grad_accum)]
-            n_tokens = torch.tensor(
-                float(sum((b[1] != IGNORE_INDEX).sum() for b in micro)), device=device
-            )
-            # tokens processed (padding included) by all processes in this step
-            step_tokens = sum(b[0].numel() for b in micro) * dist_info.world_size
-            if dist_info.world_size > 1:
-                dist.all_reduce(n_tokens)
-            # read only when logging, so no step waits for the GPU
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            for i, batch in enumerate(micro):
-                x, y, extras = _unpack(batch, device)
-                sync = i == len(micro) - 1 or dist_info.world_size == 1
-                with (
-                    contextlib.nullcontext() if sync else train_model.no_sync(),
-                    autocast(device, precision),
-                ):
-                    _, loss = train_model(x, y, **extras)
-                    n = (y != IGNORE_INDEX).sum()
-                    # DDP averages gradients over processes, hence × world_size
-                    scaled = loss * n * dist_info.world_size / n_tokens
-                scaled.backward()
-                loss_sum += loss.detach().double() * n
-            grad_norm = None
-            if cfg.grad_clip > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            for opt in optimizers:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            step += 1
-            tokens_seen += step_tokens
-            window_tokens += step_tokens
-            if step % cfg.log_interval == 0 or step == 1:
-                # the loss over the global batch, as one process would see it
-                if dist_info.world_size > 1:
-                    dist.all_reduce(loss_sum)
-                train_loss = loss_sum.item() / max(n_tokens.item(), 1)
-                now = time.time()
-                tps = window_tokens / max(now - window_t, 1e-9)
-                window_t, window_tokens = now, 0
-                log(
-                    {
-                        "step": step,
-                        "loss": round(train_loss, 5),
-                        "lr": factor * cfg.lr,
-                        "grad_norm": None if grad_norm is None else round(grad_norm.item(), 4),
-                        "tokens": tokens_seen,
-                        "tokens_per_s": round(tps),
-                        "elapsed": round(elapsed_before + now - t0, 2),
-                    }
-                )
-                bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
-                if cfg.max_seconds:
-                    bar.set_description(
-                        f"{max(cfg.max_seconds - (elapsed_before + now - t0), 0):.0f}s left"
-                    )
-            bar.update(1)
-
-            if step % cfg.eval_interval == 0 and step < cfg.max_steps:
-                val_loss = run_eval()
-                improved = val_loss < best_val
-                best_val, bad_evals = (val_loss, 0) if improved else (best_val, bad_evals + 1)
-                log(
-                    {
-                        "step": step,
-                        "val_loss": round(val_loss, 5),
-                        "val_ppl": round(math.exp(val_loss), 3),
-                    }
-                )
-                if dist_info.is_main:
-                    bar.write(
-                        f"step {step}: val loss {val_loss:.4f} (perplexity {math.exp(val_loss):.2f})"
-                    )
-                save("latest")
+            stats = train_step(model, train_model, optimizers, micro, cfg, precision, dist_info)
+            state.step, state.tokens = state.step + 1, state.tokens + stats.tokens
+            log.step(stats, factor * cfg.lr, dist_info)
+            if state.step % cfg.eval_interval == 0 and state.step < cfg.max_steps:
+                val_loss = evaluate_loss(model, val(), device, dist_info, precision)
+                improved = state.record_val(val_loss)
+                log.val(val_loss)
+                checkpoints.save("latest")
                 if improved:
-                    save("best")
-                window_t, window_tokens = time.time(), 0  # tokens/s measures training only
-                if cfg.early_stop_patience and bad_evals >= cfg.early_stop_patience:
+                    checkpoints.save("best")
+                log.restart_window()
+                if cfg.early_stop_patience and state.bad_evals >= cfg.early_stop_patience:
                     stopped_by = "early_stopping"
                     break
     except KeyboardInterrupt:
-        # Save the state as of the last completed step: loader and RNG rewound to the interrupted
-        # step's start.
-        bar.close()
-        save("latest", loader_state, rng_state)
-        if log_file is not None:
-            log_file.close()
+        # the state as of the last completed step: loader and RNG rewound to this step's start
+        log.close()
+        checkpoints.save("latest", loader_state, rng)
         raise
-    bar.close()
-    seconds = elapsed_before + time.time() - t0  # training time, final evaluation excluded
-
-    val_loss = run_eval()
-    if val_loss < best_val:
-        best_val = val_loss
-        save("best")
-    save("latest")
-    log(
-        {
-            "step": step,
-            "val_loss": round(val_loss, 5),
-            "val_ppl": round(math.exp(val_loss), 3),
-            "final": True,
-        }
-    )
-    result = RunResult(
-        str(run_dir), step, tokens_seen, seconds, val_loss, best_val, stopped_by, precision
-    )
-    if dist_info.is_main:
-        log_file.close()
-        save_json(run_dir / "summary.json", result.__dict__)
-        plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
+    log.bar.close()
+    seconds = state.seconds()  # training time, the final evaluation excluded
+    val_loss = evaluate_loss(model, val(), device, dist_info, precision)
+    if val_loss < state.best_val:  # a new best, but no evaluation counted for early stopping
+        state.best_val = val_loss
+        checkpoints.save("best")
+    checkpoints.save("latest")
+    log.val(val_loss, final=True)
+    steps, tokens, best = state.step, state.tokens, state.best_val
+    result = RunResult(str(run_dir), steps, tokens, seconds, val_loss, best, stopped_by, precision)
+    log.close(result)
     return result
 
 
@@ -498,31 +590,15 @@ def pretrain(
     `resume_overrides` (typically larger budgets: `max_steps`, `max_seconds`); `train_cfg` is unused.
     """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
-    if resume:
-        if not (out_dir / "latest").is_dir():
-            raise OmnigptError(f"{out_dir}: nothing to resume (no latest/ checkpoint)")
-        saved = load_json(out_dir / "config.json")
+    saved = open_run_folder(out_dir, resume)
+    if saved is not None:
         train_cfg = TrainConfig.from_dict({**saved["train"], **(resume_overrides or {})})
         model, tokenizer = load_checkpoint(out_dir / "latest")
         data_dir = Path(saved.get("data", data_dir))
-    dist_info = setup_distributed(train_cfg.device)
-    if not resume:
-        if (out_dir / "latest").exists() or (out_dir / "best").exists():
-            raise OmnigptError(
-                f"{out_dir} already holds a run; pass --resume to continue it, or choose another --out"
-            )
+    else:
         tokenizer = Tokenizer.load(data_dir)
-        if init_from is not None:
-            model, ckpt_tokenizer = load_checkpoint(init_from)
-            if ckpt_tokenizer.fingerprint != tokenizer.fingerprint:
-                raise OmnigptError(
-                    f"{init_from} was trained with another tokenizer than {data_dir}"
-                )
-        else:
-            assert model_cfg is not None
-            model_cfg.vocab_size = padded_vocab(tokenizer.vocab_size)
-            torch.manual_seed(train_cfg.seed)  # the same initial weights on every process
-            model = GPT(model_cfg)
+        model = _initial_model(tokenizer, model_cfg, train_cfg.seed, init_from, data_dir)
+    dist_info = setup_distributed(train_cfg.device)
     meta = load_json(data_dir / "meta.json") if (data_dir / "meta.json").exists() else {}
     if meta.get("tokenizer_fingerprint") not in (None, tokenizer.fingerprint):
         raise OmnigptError(f"tokenizer of {data_dir} does not match the model's tokenizer")
@@ -530,34 +606,41 @@ def pretrain(
     val_tokens = (
         load_tokens(data_dir / "val.bin") if (data_dir / "val.bin").stat().st_size else train_tokens
     )
-    block_size = model.config.block_size
-    torch.manual_seed(train_cfg.seed + dist_info.rank)  # dropout differs per process
-    batches = RandomWindows(
-        train_tokens,
-        block_size,
-        train_cfg.batch_size,
-        train_cfg.seed,
-        dist_info.rank,
-        dist_info.world_size,
+    block, batch = model.config.block_size, train_cfg.batch_size
+    rank, world = dist_info.rank, dist_info.world_size
+    torch.manual_seed(train_cfg.seed + rank)  # dropout differs per process
+    batches = RandomWindows(train_tokens, block, batch, train_cfg.seed, rank, world)
+    val = functools.partial(
+        sequential_windows, val_tokens, block, batch, train_cfg.eval_batches, rank, world
     )
     if dist_info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        if saved is None:
+            config = {"model": model.config.to_dict(), "train": train_cfg.to_dict()}
+            start_run_folder(out_dir, {**config, "data": str(data_dir)}, tokenizer)
         print(model.describe())
         print(
             f"training on {len(train_tokens):,} tokens from {data_dir}, validating on {len(val_tokens):,}; "
             f"run folder {out_dir}"
         )
-        if not resume:
-            save_json(
-                out_dir / "config.json",
-                {
-                    "model": model.config.to_dict(),
-                    "train": train_cfg.to_dict(),
-                    "data": str(data_dir),
-                    "tokenizer_fingerprint": tokenizer.fingerprint,
-                },
-            )
-            tokenizer.save(out_dir)
-    return fit(
-        model, tokenizer, batches, val_tokens, train_cfg, out_dir, dist_info, resume, progress
-    )
+    return fit(model, tokenizer, batches, val, train_cfg, out_dir, dist_info, resume, progress)
+
+
+def _initial_model(
+    tokenizer: Tokenizer,
+    model_cfg: ModelConfig | None,
+    seed: int,
+    init_from: str | Path | None,
+    data_dir: Path,
+) -> GPT:
+    """A new run's model: the weights of `init_from` (same tokenizer), or random ones, the same on
+    every process."""
+    if init_from is not None:
+        model, ckpt_tokenizer = load_checkpoint(init_from)
+        if ckpt_tokenizer.fingerprint != tokenizer.fingerprint:
+            raise OmnigptError(f"{init_from} was trained with another tokenizer than {data_dir}")
+        return model
+    if model_cfg is None:
+        raise OmnigptError("a new run needs a model config (or init_from)")
+    model_cfg.vocab_size = padded_vocab(tokenizer.vocab_size)
+    torch.manual_seed(seed)
+    return GPT(model_cfg)

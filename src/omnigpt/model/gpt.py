@@ -21,8 +21,7 @@ import torch.nn.functional as F
 
 from omnigpt.config import ModelConfig
 from omnigpt.model.attention import Block, KVCache, make_norm, rope_tables, sinusoidal_table
-
-IGNORE_INDEX = -100  # targets with this value add nothing to the loss
+from omnigpt.tokenizer import IGNORE_INDEX
 
 
 class GPT(nn.Module):
