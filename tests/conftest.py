@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+from omnigpt import hardware
 from omnigpt.checkpoint import save_checkpoint
 from omnigpt.config import ModelConfig
 from omnigpt.examples import encode_records
@@ -28,6 +29,36 @@ CORPUS = (
 def _deterministic_and_offline(monkeypatch):
     torch.manual_seed(0)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # tests never reach the Hugging Face Hub
+
+
+@pytest.fixture
+def fake_cpu(monkeypatch):
+    """Makes the machine look like a given CPU: fake_cpu("AVX2"), fake_cpu("AVX512", amx=True)."""
+
+    def fake(
+        capability: str,
+        amx: bool = False,
+        avx512_bf16: bool = False,
+        bf16_faster: bool = True,
+        arch: str = "x86_64",
+    ):
+        probes = []
+
+        def probe() -> bool:
+            probes.append(1)
+            return bf16_faster
+
+        monkeypatch.setattr(hardware, "cpu_capability", lambda: capability)
+        monkeypatch.setattr(hardware.platform, "machine", lambda: arch)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+        monkeypatch.setattr(hardware, "bf16_matmul_is_faster", probe)
+        hardware.cpu_bf16_native.cache_clear()
+        monkeypatch.setattr(hardware, "_warned", set())
+        return probes
+
+    yield fake
+    hardware.cpu_bf16_native.cache_clear()
 
 
 @pytest.fixture

@@ -86,3 +86,18 @@ def test_training_flags_are_the_config_fields_with_the_python_defaults():
         ]
     )
     assert _from_flags(FinetuneConfig, ft, lora=LoRAConfig()).trainable == ("h.1", "ln_f")
+
+
+def test_sampling_flags_are_the_generation_options():
+    from omnigpt.cli import _from_flags
+    from omnigpt.config import GenerationOptions
+
+    caption = build_parser().parse_args(["caption", "--model", "m", "x.png"])
+    assert _from_flags(GenerationOptions, caption) == GenerationOptions(
+        max_new_tokens=200, temperature=0.0
+    )
+    generate = build_parser().parse_args(
+        ["generate", "--model", "m", "--top-k", "5", "--seed", "3"]
+    )
+    opts = _from_flags(GenerationOptions, generate)
+    assert (opts.top_k, opts.seed, opts.temperature, opts.num_samples) == (5, 3, 0.8, 1)

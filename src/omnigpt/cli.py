@@ -22,21 +22,19 @@ import time
 import types
 import typing
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Union
+from typing import Any, Literal, Union
 
 from omnigpt.config import (
     FINETUNING_DEFAULTS,
     PRESETS,
     FinetuneConfig,
+    GenerationOptions,
     LoRAConfig,
     ModelConfig,
     TrainConfig,
 )
 from omnigpt.errors import OmnigptError
 from omnigpt.synthetic import CAPTION_PROMPT, TRANSCRIBE_PROMPT
-
-if TYPE_CHECKING:
-    from omnigpt.generate import GenerationOptions
 
 BUILTIN_DATA = Path("data/python-stdlib")
 
@@ -93,7 +91,10 @@ def _config_flags(
         help = f.metadata["help"]
         if overriding:
             help += f" (overrides the {overriding})"
-        elif default not in (None, False, (), {}) and "default" not in help:
+        elif (
+            not (default is None or default is False or default in ((), {}))
+            and "default" not in help
+        ):
             shown = ",".join(default) if isinstance(default, tuple) else default
             help += f" (default: {shown})".replace("%", "%%")
         options: dict[str, Any] = {"help": help, "default": None if overriding else default}
@@ -221,7 +222,7 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-eot-stop", action="store_true", help="keep generating past the end-of-text token"
     )
-    p.add_argument("--num-samples", type=int, default=1, help="completions per prompt")
+    _config_flags(p, GenerationOptions, ("num_samples",))
     p.add_argument(
         "--no-token-healing",
         action="store_true",
@@ -230,24 +231,12 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     _sampling_args(p, temperature=0.8)
 
 
+SAMPLING_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed")
+
+
 def _sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=200, help="longest answer, in tokens")
-    p.add_argument(
-        "--temperature",
-        type=float,
-        default=temperature,
-        help="sampling temperature (0: greedy)",
-    )
-    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
-    p.add_argument(
-        "--top-p",
-        type=float,
-        help="sample among the most likely tokens holding this much probability",
-    )
-    p.add_argument(
-        "--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeating tokens"
-    )
-    p.add_argument("--seed", type=int, help="random seed for sampling")
+    defaults = {"temperature": temperature, "max_new_tokens": 200}
+    _config_flags(p, GenerationOptions, SAMPLING_FLAGS, defaults)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
 
 
@@ -274,13 +263,7 @@ def _media_args(p: argparse.ArgumentParser, kind: str, prompt: str | None) -> No
 
 
 def _ctc_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--ctc-weight",
-        type=float,
-        default=0.0,
-        help="joint CTC/attention decoding for a model trained with ctc=WEIGHT in --audio: the CTC "
-        "head's share of each token's score, 0 to 1 (0.5 is a good start; default 0: the decoder alone)",
-    )
+    _config_flags(p, GenerationOptions, ("ctc_weight",))
 
 
 def _make_data_args(p: argparse.ArgumentParser) -> None:
@@ -605,7 +588,6 @@ def cmd_generate(args: argparse.Namespace) -> None:
         args,
         stop_at_eot=not args.no_eot_stop,
         stop_strings=tuple(args.stop),
-        num_samples=args.num_samples,
         token_healing=not args.no_token_healing,
     )
     model, tokenizer = load_model(args.model, pick_device(args.device), args.tokenizer)
@@ -627,19 +609,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(prompt + text)
 
 
-def _generation_options(args: argparse.Namespace, **extra) -> GenerationOptions:
-    from omnigpt.generate import GenerationOptions
-
-    return GenerationOptions(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
-        ctc_weight=getattr(args, "ctc_weight", 0.0),
-        **extra,
-    )
+def _generation_options(args: argparse.Namespace, **values) -> GenerationOptions:
+    return _from_flags(GenerationOptions, args, **values)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:

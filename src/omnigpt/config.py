@@ -1,5 +1,5 @@
 """Typed configuration: the model's and encoders' shapes, the training run, fine-tuning and LoRA,
-named presets, JSON round-trip.
+decoding options, named presets, JSON round-trip.
 
     cfg = ModelConfig.from_preset("gpt2", vocab_size=50257)
     cfg = ModelConfig.from_dict(json.loads(path.read_text()))
@@ -473,6 +473,45 @@ class FinetuneConfig:
         d = _known_keys(cls, d, "fine-tuning config")
         d["lora"] = LoRAConfig(**_known_keys(LoRAConfig, d.get("lora", {}), "LoRA config"))
         return cls(**d)
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """How `generate.py` decodes: length, sampling, stopping. 0 temperature means greedy."""
+
+    max_new_tokens: int = _option(128, "longest answer, in tokens")
+    temperature: float = _option(1.0, "sampling temperature (0: greedy)")
+    top_k: int | None = _option(None, "sample among the k most likely tokens")
+    top_p: float | None = _option(
+        None, "sample among the most likely tokens holding this much probability"
+    )
+    repetition_penalty: float = _option(1.0, "> 1 discourages repeating tokens")
+    stop_at_eot: bool = True
+    stop_strings: tuple[str, ...] = ()
+    num_samples: int = _option(1, "completions per prompt")
+    seed: int | None = _option(None, "random seed for sampling")
+    token_healing: bool = True  # re-choose the prompt's last token (see Tokenizer.heal)
+    ctc_weight: float = _option(
+        0.0,
+        "joint CTC/attention decoding for a model trained with ctc=WEIGHT in --audio: the CTC "
+        "head's share of each token's score, 0 to 1 (0.5 is a good start; 0: the decoder alone)",
+    )
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise OmnigptError("max_new_tokens must be at least 1")
+        if self.temperature < 0:
+            raise OmnigptError("temperature must be >= 0")
+        if self.top_k is not None and self.top_k < 1:
+            raise OmnigptError("top_k must be at least 1")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise OmnigptError("top_p must be in (0, 1]")
+        if self.repetition_penalty <= 0:
+            raise OmnigptError("repetition_penalty must be > 0")
+        if self.num_samples < 1:
+            raise OmnigptError("num_samples must be at least 1")
+        if not 0 <= self.ctc_weight < 1:
+            raise OmnigptError("ctc_weight must be in [0, 1)")
 
 
 def save_json(path: Path, obj: dict[str, Any]) -> None:

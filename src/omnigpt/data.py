@@ -1,8 +1,9 @@
 """Text corpora to token shards, and the loaders that feed training and evaluation.
 
     summary = prepare(["corpus/"], "data/mycorpus", tokenizer_spec="bpe:4096")
-    train = RandomWindows("data/mycorpus/train.bin", block_size=256, batch_size=16, seed=0)
+    train = RandomWindows(load_tokens("data/mycorpus/train.bin"), block_size=256, batch_size=16, seed=0)
     x, y = train.next_batch()                  # (B, T) inputs and next-token targets
+    for x, y in sequential_windows(load_tokens("data/mycorpus/val.bin"), 256, 16): ...
 
 A prepared folder holds `train.bin` and `val.bin` (flat NumPy token arrays, uint16 when the vocabulary
 fits, else uint32), `tokenizer.json` and `meta.json`. Documents are joined with the end-of-text token.

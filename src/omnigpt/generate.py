@@ -11,45 +11,13 @@ The model is run once over all prompts (prefill), then one token at a time for t
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 
+from omnigpt.config import GenerationOptions as GenerationOptions  # its home is config.py
 from omnigpt.errors import OmnigptError
 from omnigpt.model import GPT
 from omnigpt.tokenizer import StreamDecoder, Tokenizer
-
-
-@dataclass(frozen=True)
-class GenerationOptions:
-    max_new_tokens: int = 128
-    temperature: float = 1.0  # 0 means greedy
-    top_k: int | None = None
-    top_p: float | None = None
-    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or output
-    stop_at_eot: bool = True
-    stop_strings: tuple[str, ...] = ()
-    num_samples: int = 1  # completions per prompt
-    seed: int | None = None
-    token_healing: bool = True  # re-choose the prompt's last token (see Tokenizer.heal)
-    ctc_weight: float = 0.0  # > 0: joint CTC/attention decoding of audio prompts (see omnigpt.ctc)
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise OmnigptError("max_new_tokens must be at least 1")
-        if self.temperature < 0:
-            raise OmnigptError("temperature must be >= 0")
-        if self.top_k is not None and self.top_k < 1:
-            raise OmnigptError("top_k must be at least 1")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise OmnigptError("top_p must be in (0, 1]")
-        if self.repetition_penalty <= 0:
-            raise OmnigptError("repetition_penalty must be > 0")
-        if self.num_samples < 1:
-            raise OmnigptError("num_samples must be at least 1")
-        if not 0 <= self.ctc_weight < 1:
-            raise OmnigptError("ctc_weight must be in [0, 1)")
-
 
 # -- sampling: pure functions of logits ----------------------------------------------------------
 

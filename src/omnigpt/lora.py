@@ -17,10 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from omnigpt.config import DEFAULT_LORA_TARGETS, LoRAConfig
+from omnigpt.config import LoRAConfig as LoRAConfig  # its home is config.py
 from omnigpt.errors import OmnigptError
-
-__all__ = ["DEFAULT_LORA_TARGETS", "LoRAConfig", "LoRALinear", "add_lora", "merge_lora"]
 
 
 class LoRALinear(nn.Linear):
