@@ -292,3 +292,12 @@ def test_per_part_learning_rates():
     assert (
         decay[id(named["h.1.ln_1.weight"])] == 0.0 and decay[id(named["h.1.mlp.c_fc.weight"])] > 0
     )
+
+
+def test_evaluations_are_printed_with_or_without_the_progress_bar(tmp_path, data_dir, capsys):
+    cfg = TrainConfig(batch_size=4, max_steps=4, eval_interval=2, eval_batches=1)
+    result = pretrain(data_dir, tmp_path / "run", ModelConfig(**TINY), cfg, progress=False)
+    out = capsys.readouterr().out
+    assert "step 2: val loss" in out and "precision:" not in out  # no bar, no start-up line
+    summary = json.loads((tmp_path / "run/summary.json").read_text())
+    assert summary["steps"] == result.steps == 4 and (tmp_path / "run/loss.png").is_file()

@@ -376,7 +376,7 @@ class RunLog:
     only), and the training throughput since the last log line."""
 
     def __init__(self, run_dir: Path, cfg: TrainConfig, progress: Progress, main: bool, bar: bool):
-        self.run_dir, self.cfg, self.progress = run_dir, cfg, progress
+        self.run_dir, self.cfg, self.progress, self.main = run_dir, cfg, progress, main
         self.file = open(run_dir / "metrics.jsonl", "a") if main else None
         self.bar = tqdm(
             total=None if cfg.max_steps >= UNLIMITED_STEPS else cfg.max_steps,
@@ -424,7 +424,7 @@ class RunLog:
         ppl = math.exp(loss)
         record = {"step": self.progress.step, "val_loss": round(loss, 5), "val_ppl": round(ppl, 3)}
         self.write({**record, "final": True} if final else record)
-        if not final and not self.bar.disable:
+        if not final and self.main:  # printed with or without the bar
             self.bar.write(f"step {self.progress.step}: val loss {loss:.4f} (perplexity {ppl:.2f})")
 
     def announce(self, precision: str, device: torch.device) -> None:
