@@ -88,18 +88,15 @@ def _config_flags(
             kind = next(k for k in typing.get_args(kind) if k is not type(None))
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         default = (defaults or {}).get(f.name, default)
-        help = f.metadata["help"]
+        text = f.metadata["help"]
         if overriding:
-            help += f" (overrides the {overriding})"
-        elif (
-            not (default is None or default is False or default in ((), {}))
-            and "default" not in help
-        ):
+            text += f" (overrides the {overriding})"
+        elif not (default is None or default is False or default in ((), {})):
             shown = ",".join(default) if isinstance(default, tuple) else default
-            help += f" (default: {shown})".replace("%", "%%")
-        options: dict[str, Any] = {"help": help, "default": None if overriding else default}
-        if kind is bool:
-            options["action"] = "store_true"
+            text += "" if "default" in text else f" (default: {shown})".replace("%", "%%")
+        options: dict[str, Any] = {"help": text, "default": None if overriding else default}
+        if kind is bool:  # --flag, or --flag / --no-flag where it is on by default
+            options["action"] = argparse.BooleanOptionalAction if default else "store_true"
         elif typing.get_origin(kind) is Literal:
             options["choices"] = typing.get_args(kind)
         elif typing.get_origin(kind) is tuple:

@@ -221,9 +221,7 @@ def _with_media(record: dict, loader: MediaLoader | None) -> tuple[dict, MediaCo
         return record, None, {}
     try:
         counts, media = loader(record)
-    except MediaError:
-        raise
-    except OmnigptError as e:
+    except OmnigptError as e:  # the files it names: reported with the record's line
         raise MediaError(str(e)) from None
     return with_placeholders(record, {k: len(v) for k, v in counts.items()}), counts, media
 

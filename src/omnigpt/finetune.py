@@ -361,11 +361,11 @@ def train_on_examples(
             raise OmnigptError(
                 f"{out_dir} already holds a run; pass --resume, or choose another --out"
             )
-        spec = tokenizer_spec
+        init = out_dir / "init"
         tokenizer = save_new_model(
-            data, out_dir / "init", model_cfg, spec, vision, audio, train_cfg.seed
+            data, init, model_cfg, tokenizer_spec, vision, audio, train_cfg.seed
         )
-        print(f"new model in {out_dir / 'init'} ({tokenizer.vocab_size} tokens: {spec})")
+        print(f"new model in {init} ({tokenizer.vocab_size} tokens: {tokenizer_spec})")
     ft_cfg = FinetuneConfig(method="full", pack=pack)
     return finetune(
         out_dir / "init",

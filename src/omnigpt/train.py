@@ -272,7 +272,11 @@ class Progress:
     elapsed: float = 0.0  # training seconds before `since`
     best_val: float = math.inf
     bad_evals: int = 0  # evaluations in a row without a new best
-    since: float = field(default_factory=lambda: time.time(), repr=False)
+    since: float = field(default=0.0, repr=False)  # when this process's clock started
+
+    def start_clock(self) -> None:
+        """From now on, time counts as training time."""
+        self.since = time.time()
 
     def seconds(self) -> float:
         """Training seconds so far, earlier processes of the run included."""
@@ -303,7 +307,6 @@ class Progress:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed"]
         self.best_val, self.bad_evals = state["best_val"], state["bad_evals"]
-        self.since = time.time()
 
 
 @dataclass
@@ -496,6 +499,7 @@ def fit(
     model.train()
     stopped_by = "max_steps"
     loader_state, rng = train_batches.state_dict(), torch.get_rng_state()
+    state.start_clock()
     try:
         while state.step < cfg.max_steps:
             if cfg.max_seconds is not None and state.seconds() >= cfg.max_seconds:
