@@ -718,7 +718,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 def cmd_convert(args: argparse.Namespace) -> None:
     from omnigpt.hf import export_hf
-    from omnigpt.load import import_hf, load_model
+    from omnigpt.load import import_hf, load_model, merge_lora_run
 
     out = Path(args.out)
     if args.from_hf:
@@ -726,24 +726,16 @@ def cmd_convert(args: argparse.Namespace) -> None:
         print(
             f"converted {args.from_hf} → {out} (an omnigpt checkpoint: generate, fine-tune or --init-from it)"
         )
-        return
-    if (out / "model.safetensors").exists():
-        raise OmnigptError(f"{out} already holds a model; choose another --out")
-    if args.merge_lora:
-        from omnigpt.checkpoint import save_checkpoint
-        from omnigpt.lora import merge_lora
-
-        model, tokenizer = load_model(args.merge_lora)
-        if not merge_lora(model):
-            raise OmnigptError(f"{args.merge_lora}: no LoRA adapters to merge")
-        save_checkpoint(out, model, tokenizer)
+    elif args.merge_lora:
+        merge_lora_run(args.merge_lora, out)
         print(f"merged {args.merge_lora} → {out} (a plain omnigpt checkpoint)")
-        return
-    model, tokenizer = load_model(args.to_hf)
-    export_hf(model, tokenizer, out)
-    print(
-        f"exported {args.to_hf} → {out} (GPT-2 format: transformers.AutoModelForCausalLM.from_pretrained)"
-    )
+    else:
+        if (out / "model.safetensors").exists():
+            raise OmnigptError(f"{out} already holds a model; choose another --out")
+        export_hf(*load_model(args.to_hf), out)
+        print(
+            f"exported {args.to_hf} → {out} (GPT-2 format: transformers.AutoModelForCausalLM.from_pretrained)"
+        )
 
 
 COMMANDS = {

@@ -6,6 +6,7 @@
     model, tok = load_model("downloads/gpt2")        # a Hugging Face GPT-2 folder
     model, tok = load_model("gpt2")                  # a Hub name, from the local Hugging Face cache
     import_hf("gpt2", "checkpoints/gpt2")            # the same, saved as an omnigpt checkpoint
+    merge_lora_run("runs/lora", "checkpoints/tuned") # base + adapters as one plain checkpoint
 
 The formats sit behind it: `checkpoint` (omnigpt's own folders), `hf` (GPT-2 folders), `lora`
 (adapters on a base, checked against the base's weights).
@@ -136,4 +137,17 @@ def import_hf(source: str | Path, out_dir: str | Path) -> Path:
     if (out_dir / WEIGHTS).exists() or (out_dir / CONFIG).exists():
         raise OmnigptError(f"{out_dir} already holds a checkpoint; choose another --out")
     save_checkpoint(out_dir, model, tokenizer, extra_config={"converted_from": str(source)})
+    return out_dir
+
+
+def merge_lora_run(source: str | Path, out_dir: str | Path) -> Path:
+    """A LoRA run or checkpoint written as one plain checkpoint: the base with its adapters merged
+    into the weights (W + scale·BA), loadable without the base."""
+    out_dir = Path(out_dir)
+    if (out_dir / WEIGHTS).exists():
+        raise OmnigptError(f"{out_dir} already holds a model; choose another --out")
+    model, tokenizer = load_model(source)
+    if not merge_lora(model):
+        raise OmnigptError(f"{source}: no LoRA adapters to merge")
+    save_checkpoint(out_dir, model, tokenizer)
     return out_dir
