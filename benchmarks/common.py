@@ -14,7 +14,7 @@ import resource
 import time
 from pathlib import Path
 
-from omnigpt.config import FinetuneConfig, ModelConfig, TrainConfig
+from omnigpt.config import FinetuneConfig, ImageTokensConfig, ModelConfig, TrainConfig
 from omnigpt.finetune import finetune, save_new_model
 
 
@@ -31,13 +31,20 @@ def timed(fn, *args, **kwargs):
 
 
 def build_init(
-    out: Path, train: Path, decoder: str, block_size: int, seed: int, **encoders: str
+    out: Path,
+    train: Path,
+    decoder: str,
+    block_size: int,
+    seed: int,
+    images: ImageTokensConfig | None = None,
+    **encoders: str,
 ) -> Path:
     """A model built from nothing for the records in `train`: a decoder of "layers,heads,width", a
-    character tokenizer and the encoders named by spec (`vision=`, `audio=`), saved as out/init."""
+    character tokenizer, the encoders named by spec (`vision=`, `audio=`) and, for records that
+    draw, image codes as `images` says; saved as out/init."""
     layers, heads, width = (int(v) for v in decoder.split(","))
     shape = ModelConfig(n_layer=layers, n_head=heads, n_embd=width, block_size=block_size)
-    save_new_model(train, out / "init", shape, "char", seed=seed, **encoders)
+    save_new_model(train, out / "init", shape, "char", seed=seed, images=images, **encoders)
     return out / "init"
 
 

@@ -29,7 +29,8 @@ def test_every_option_has_help():
 
 
 @pytest.mark.parametrize(
-    "command", ["prepare", "train", "finetune", "chat", "evaluate", "generate", "convert"]
+    "command",
+    ["prepare", "train", "finetune", "chat", "evaluate", "generate", "convert", "imagine"],
 )
 def test_help_runs(command, capsys):
     with pytest.raises(SystemExit) as exit_info:

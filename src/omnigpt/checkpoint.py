@@ -5,6 +5,7 @@ A checkpoint is a folder that stands on its own:
     model.safetensors     weights (the tied LM head is stored once, as the token embedding)
     config.json           {"model": ModelConfig, "tokenizer_fingerprint": ..., ...}
     tokenizer.json
+    image_tokens.json     for a model that writes images: how its image codes map to pixels
     trainer_state.pt      optimizer, schedule position, RNG and data-loader state (resumable ones only)
 
 A LoRA fine-tuning checkpoint holds `adapter.safetensors` (the adapters alone) instead of the
@@ -32,6 +33,7 @@ from omnigpt.errors import OmnigptError
 from omnigpt.lora import adapter_state, has_lora
 from omnigpt.model import GPT
 from omnigpt.model.fusion import MultimodalGPT
+from omnigpt.pixels import CODEC_FILE
 from omnigpt.tokenizer import Tokenizer
 
 WEIGHTS = "model.safetensors"
@@ -105,6 +107,7 @@ def save_checkpoint(
         "model": model.config.to_dict(),
         **({"media": model.media_config()} if isinstance(model, MultimodalGPT) else {}),
         "tokenizer_fingerprint": tokenizer.fingerprint,
+        **({"image_codec": tokenizer.images.fingerprint} if tokenizer.images else {}),
         **(extra_config or {}),
     }
 
@@ -139,6 +142,12 @@ def load_checkpoint(
     if tokenizer_path is not None and expected and tokenizer.fingerprint != expected:
         raise OmnigptError(
             f"tokenizer {tokenizer_path} does not match checkpoint {folder} (it was trained with another)"
+        )
+    codec = tokenizer.images.fingerprint if tokenizer.images else None
+    if codec != config.get("image_codec"):
+        raise OmnigptError(
+            f"{folder}: its {CODEC_FILE} is {'missing' if codec is None else 'not the one'} "
+            "the model was trained with; image codes would map to the wrong colours"
         )
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise OmnigptError(

@@ -6,6 +6,9 @@
     omnigpt make-data shapes --out data/shapes -n 4000
     omnigpt train --data data/shapes/shapes.jsonl --vision small --out runs/shapes
     omnigpt caption --model runs/shapes picture.png
+    omnigpt make-data shapes --draw --out data/draw -n 4000
+    omnigpt train --data data/draw/shapes.jsonl --out runs/draw --image-size 32 --patch 4 --palette 512
+    omnigpt imagine --model runs/draw "a red circle" -n 8 --cfg 3 --out drawn/
 
 Problems a user can fix are printed as one `omnigpt: error: ...` line with exit status 2.
 """
@@ -29,6 +32,7 @@ from omnigpt.config import (
     PRESETS,
     FinetuneConfig,
     GenerationOptions,
+    ImageTokensConfig,
     LoRAConfig,
     ModelConfig,
     TrainConfig,
@@ -65,6 +69,10 @@ def _prepare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--seed", type=int, default=0, help="seed for the document shuffle before the split"
     )
+    g = p.add_argument_group(
+        "images", "Image files among the inputs become image tokens, for next-pixel pretraining."
+    )
+    _config_flags(g, ImageTokensConfig)
 
 
 def _config_flags(
@@ -129,6 +137,7 @@ MODEL_FLAGS = (
     "mlp",
     "norm",
     "dropout",
+    "image_positions",
 )
 ENCODER_FLAGS = ("vision", "audio")
 
@@ -160,6 +169,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         help="char, or bpe:VOCAB_SIZE, trained on the examples' text",
     )
     _config_flags(g, FinetuneConfig, (*ENCODER_FLAGS, "pack"))
+    g = p.add_argument_group('text→image examples ({"prompt", "image_out"} lines)')
+    _config_flags(g, ImageTokensConfig)
+    _config_flags(g, FinetuneConfig, ("drop_condition",))
     _config_flags(p.add_argument_group("optimisation"), TrainConfig)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -190,7 +202,9 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
     _config_flags(g, LoRAConfig, prefix="lora_")
     g = p.add_argument_group("examples")
     _config_flags(
-        g, FinetuneConfig, ("pack", "too_long", "epochs", "val_fraction", "skip_bad_media")
+        g,
+        FinetuneConfig,
+        ("pack", "too_long", "epochs", "val_fraction", "skip_bad_media", "drop_condition"),
     )
     g = p.add_argument_group(
         "images and audio",
@@ -240,7 +254,36 @@ def _sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
 def _chat_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="fine-tuned chat model: run or checkpoint folder")
     p.add_argument("--system", help="system prompt that starts the conversation")
+    p.add_argument(
+        "--image-dir", default="imagined", help="where /imagine TEXT saves what the model draws"
+    )
     _sampling_args(p, temperature=0.7)
+
+
+def _imagine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "prompts", nargs="*", help='what to draw, e.g. "a red circle"; none: draw unconditionally'
+    )
+    p.add_argument("--model", required=True, help="run or checkpoint folder of a model that draws")
+    p.add_argument("--out", required=True, help="folder for NNNN.png and sheet.png (all samples)")
+    p.add_argument(
+        "-n", "--num-samples", type=int, default=1, help="images per prompt (drawn together)"
+    )
+    p.add_argument(
+        "--cfg",
+        type=float,
+        help="classifier-free guidance scale; 1 is none (default: 3 for a model that learned to "
+        "draw without a prompt, else 1)",
+    )
+    p.add_argument("--complete", metavar="IMAGE", help="finish this image from its top --rows")
+    p.add_argument("--rows", type=int, default=0, help="rows of codes of --complete to keep")
+    p.add_argument(
+        "--scale", type=int, default=8, help="sheet.png shows each image this many times larger"
+    )
+    _config_flags(
+        p, GenerationOptions, ("temperature", "top_k", "top_p", "seed"), {"temperature": 1.0}
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
 
 
 def _media_args(p: argparse.ArgumentParser, kind: str, prompt: str | None) -> None:
@@ -276,6 +319,11 @@ def _make_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (another seed: other data)")
     p.add_argument(
         "--no-questions", action="store_true", help="shapes: captions only, no questions"
+    )
+    p.add_argument(
+        "--draw",
+        action="store_true",
+        help='shapes: also a text→image example per scene ({"prompt": caption, "image_out": PNG})',
     )
     p.add_argument(
         "--max-shapes", type=int, choices=[1, 2, 3], default=3, help="shapes: at most N per image"
@@ -391,6 +439,12 @@ SUBCOMMANDS = {
         "transcribe audio with a model that hears",
         "Transcribe each audio file: WAV, FLAC or OGG at any sample rate.",
     ),
+    "imagine": (
+        _imagine_args,
+        "draw images from text with a model that writes them",
+        "Draw images from a prompt (or none), or complete an image from its top rows; writes "
+        "one PNG per sample and a contact sheet of all of them.",
+    ),
     "make-data": (
         _make_data_args,
         "write the built-in image or audio data set (seeded, no download)",
@@ -438,6 +492,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
         args.text_field,
         args.skip_bad_files,
         args.seed,
+        images=_from_flags(ImageTokensConfig, args),
     )
     print(summary)
 
@@ -466,6 +521,8 @@ def cmd_train(args: argparse.Namespace) -> None:
             resume=args.resume,
             progress=not args.no_progress,
             resume_overrides=_budgets(args),
+            images=_from_flags(ImageTokensConfig, args),
+            drop_condition=args.drop_condition,
         )
         return _report(result, out)
     if args.vision or args.audio:
@@ -624,6 +681,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
         print("chatting with", args.model, "— /reset starts over, /exit or Ctrl-D leaves")
         if session.sees_media:
             print("/image PATH [text] or /audio PATH [text] puts a file in your message")
+        if session.tokenizer.images is not None:
+            print("/imagine TEXT draws TEXT into", args.image_dir)
     while True:
         try:
             text = input("you> " if interactive else "").strip()
@@ -634,6 +693,9 @@ def cmd_chat(args: argparse.Namespace) -> None:
         if text == "/reset":
             session.reset()
         if not text or text == "/reset":
+            continue
+        if text == "/imagine" or text.startswith("/imagine "):
+            _chat_imagine(session, text.removeprefix("/imagine").strip(), args)
             continue
         try:
             dropped = session.add_user(parse_message(text))
@@ -647,9 +709,58 @@ def cmd_chat(args: argparse.Namespace) -> None:
         _write("\n")
 
 
+def _chat_imagine(session, prompt: str, args: argparse.Namespace) -> None:
+    """/imagine TEXT in a chat: the model draws TEXT into --image-dir (the conversation is unchanged)."""
+    from omnigpt.imagine import imagine, learned_unconditional
+
+    if session.tokenizer.images is None:
+        print("(this model does not draw: its tokenizer has no image codes)")
+        return
+    cfg = 3.0 if learned_unconditional(args.model) else 1.0
+    opts = _generation_options(args, temperature=1.0, token_healing=False)
+    [image] = imagine(session.model, session.tokenizer, [prompt], opts, cfg)
+    folder = Path(args.image_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{len(list(folder.glob('*.png'))):04d}.png"
+    image.save(path)
+    print(f"(drew {path})")
+
+
 def _write(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
+
+
+def cmd_imagine(args: argparse.Namespace) -> None:
+    from omnigpt.hardware import pick_device
+    from omnigpt.imagine import imagine, learned_unconditional, save_images
+    from omnigpt.load import load_model
+    from omnigpt.pixels import read_rgb
+
+    prompts = args.prompts or [""]
+    if args.complete and not args.rows:
+        raise OmnigptError("--complete needs --rows N: how many rows of the image to keep")
+    if args.rows and not args.complete:
+        raise OmnigptError("--rows goes with --complete IMAGE")
+    if args.complete:
+        read_rgb(args.complete, (1, 1))  # an unreadable image stops here, before the model loads
+    if args.num_samples < 1:
+        raise OmnigptError(f"-n must be at least 1, not {args.num_samples}")
+    model, tokenizer = load_model(args.model, pick_device(args.device))
+    unconditional = learned_unconditional(args.model)
+    cfg = args.cfg if args.cfg is not None else (3.0 if unconditional else 1.0)
+    if cfg != 1.0 and not unconditional:
+        print(
+            f"warning: {args.model} never learned to draw without a prompt (trained with "
+            "--drop-condition 0), so --cfg guidance has nothing sound to push away from",
+            file=sys.stderr,
+        )
+    opts = _generation_options(args, num_samples=args.num_samples)
+    images = imagine(model, tokenizer, prompts, opts, cfg, args.complete, args.rows)
+    paths = save_images(images, args.out, args.scale)
+    print(
+        f"{len(paths)} image{'s' * (len(paths) != 1)} in {args.out} (all on {Path(args.out) / 'sheet.png'})"
+    )
 
 
 def cmd_media(args: argparse.Namespace) -> None:
@@ -679,6 +790,7 @@ def cmd_make_data(args: argparse.Namespace) -> None:
         not args.no_questions,
         args.max_shapes,
         args.max_digits,
+        args.draw,
     )
     for path, count in written:
         print(f"{count:,} example{'s' * (count != 1)} in {path}")
@@ -750,6 +862,7 @@ COMMANDS = {
     "ask": cmd_media,
     "transcribe": cmd_media,
     "make-data": cmd_make_data,
+    "imagine": cmd_imagine,
 }
 
 

@@ -53,6 +53,14 @@ class ModelConfig:
     bias: bool = True  # biases in Linear layers and LayerNorm, as GPT-2
     tie_embeddings: bool = True  # LM head shares the token-embedding matrix
     dropout: float = _option(0.0, "dropout probability")
+    image_positions: bool = _option(
+        True, "learned row and column embeddings for image codes (when the model writes images)"
+    )
+    # the grid of image codes those embeddings cover, and the id of <|image_start|>: set from the
+    # tokenizer's image codec when a model is built (`with_image_grid`); 0 for a text model
+    image_rows: int = 0
+    image_cols: int = 0
+    image_start_id: int = 0
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:
@@ -92,6 +100,13 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         return cls(**_known_keys(cls, d, "model config"))
+
+    def with_image_grid(self, rows: int, cols: int, start_id: int) -> ModelConfig:
+        """This shape for a model writing images of rows × cols codes that start at `start_id`:
+        with row and column embeddings for them when `image_positions`."""
+        if not self.image_positions:
+            rows = cols = start_id = 0
+        return dataclasses.replace(self, image_rows=rows, image_cols=cols, image_start_id=start_id)
 
 
 @dataclass
@@ -444,6 +459,12 @@ class FinetuneConfig:
         metavar="SPEC",
     )
 
+    drop_condition: float = _option(
+        0.1,
+        "share of text→image examples also trained without their prompt, so the model draws "
+        "unconditionally too and --cfg guidance works",
+    )
+
     def __post_init__(self) -> None:
         self.trainable = tuple(self.trainable)
         if self.method not in ("full", "partial", "lora"):
@@ -461,6 +482,8 @@ class FinetuneConfig:
             _invalid("val_fraction", "must be in [0, 1)", self.val_fraction)
         if self.epochs is not None and not self.epochs > 0:
             _invalid("epochs", "must be positive", self.epochs)
+        if not 0 <= self.drop_condition < 1:
+            _invalid("drop_condition", "must be in [0, 1)", self.drop_condition)
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in self.__dict__.items() if k != "lora"}
@@ -473,6 +496,31 @@ class FinetuneConfig:
         d = _known_keys(cls, d, "fine-tuning config")
         d["lora"] = LoRAConfig(**_known_keys(LoRAConfig, d.get("lora", {}), "LoRA config"))
         return cls(**d)
+
+
+@dataclass
+class ImageTokensConfig:
+    """How the images a model writes become tokens (`pixels.ImageCodec`): for prepared image data,
+    or a new model trained on text→image examples."""
+
+    image_size: int = _option(32, "pixels per side images are resized to")
+    palette: str = _option(
+        "16",
+        "colours (or patch codes) per image token: a number to fit by k-means on the training images, "
+        "a JSON file of [r, g, b] colours, or #rrggbb,#rrggbb,... colours",
+    )
+    patch: int = _option(
+        1, "pixels per side of one image token: 1, a colour per pixel; 2, codes of 2×2 patches, ..."
+    )
+
+    def __post_init__(self) -> None:
+        if self.image_size < 1:
+            _invalid("image_size", "must be at least 1", self.image_size)
+        if self.patch < 1 or self.image_size % self.patch:
+            _invalid("patch", f"must divide --image-size ({self.image_size})", self.patch)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,10 @@
 
 A prepared folder holds `train.bin` and `val.bin` (flat NumPy token arrays, uint16 when the vocabulary
 fits, else uint32), `tokenizer.json` and `meta.json`. Documents are joined with the end-of-text token.
+
+Image files among the inputs (PNG, JPEG, ...) are documents too, for next-pixel pretraining: each
+becomes `<|image_start|>`, its codes in raster order, `<|image_end|>` (see `pixels.py`), with a palette
+fitted to them (`ImageTokensConfig`), saved beside the tokenizer as `image_tokens.json`.
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from omnigpt.config import ImageTokensConfig
 from omnigpt.errors import OmnigptError
+from omnigpt.pixels import IMAGE_SUFFIXES, ImageCodec, read_rgb
 from omnigpt.tokenizer import IGNORE_INDEX, Tokenizer
 
 TEXT_SUFFIXES_SKIPPED = {
@@ -93,10 +99,10 @@ def _expand(inputs: list[str | Path]) -> list[Path]:
                 for p in sorted(path.rglob("*"))
                 if p.is_file()
                 and not any(part.startswith(".") for part in p.relative_to(path).parts)
-                and p.suffix.lower() not in TEXT_SUFFIXES_SKIPPED
+                and (p.suffix.lower() not in TEXT_SUFFIXES_SKIPPED or is_image_file(p))
             ]
             if not found:
-                raise OmnigptError(f"{path}: folder holds no text files")
+                raise OmnigptError(f"{path}: folder holds no text or image files")
             files.extend(found)
         elif path.is_file():
             files.append(path)
@@ -105,11 +111,27 @@ def _expand(inputs: list[str | Path]) -> list[Path]:
     return files
 
 
+def is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def _readable_image(path: Path) -> bool:
+    try:
+        read_rgb(path, (1, 1))
+        return True
+    except OmnigptError as e:
+        print(f"skipped: {e}", file=sys.stderr)
+        return False
+
+
 def read_documents(
     inputs: list[str | Path], text_field: str = "text", skip_bad_files: bool = False
 ) -> Iterator[str]:
-    """Yields documents: each text file whole, or each line's `text_field` of a .jsonl file."""
+    """Yields documents: each text file whole, or each line's `text_field` of a .jsonl file (image
+    files are left out: see `prepare`)."""
     for path in _expand(inputs):
+        if is_image_file(path):
+            continue
         try:
             raw = path.read_bytes()
             text = _decode_utf8(raw, str(path))
@@ -182,21 +204,35 @@ def prepare(
     skip_bad_files: bool = False,
     seed: int = 0,
     progress: bool = True,
+    images: ImageTokensConfig | None = None,
 ) -> PrepareSummary:
-    """Tokenizes a corpus into `out_dir`: the last `val_fraction` of the token stream is validation.
+    """Tokenizes a corpus of text and images into `out_dir`: the last `val_fraction` of the token
+    stream is validation. Images are read as `images` says (default: ImageTokensConfig()).
 
     With several documents their order is shuffled (seeded) first, so validation is a sample of
     documents rather than the alphabetically last files.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise OmnigptError(f"val fraction must be in [0, 1), got {val_fraction}")
-    docs = [d for d in read_documents(inputs, text_field, skip_bad_files) if d]
-    if not docs or not any(d.strip() for d in docs):
+    docs: list[str | Path] = [d for d in read_documents(inputs, text_field, skip_bad_files) if d]
+    texts = [d for d in docs if isinstance(d, str)]
+    image_files = [p for p in _expand(inputs) if is_image_file(p)]
+    if skip_bad_files:
+        image_files = [p for p in image_files if _readable_image(p)]
+    if not image_files and not any(d.strip() for d in texts):
         raise OmnigptError(f"corpus {', '.join(map(str, inputs))} is empty")
+    docs += image_files
     if len(docs) > 1:
         random.Random(seed).shuffle(docs)
 
-    tokenizer = make_tokenizer(tokenizer_spec, docs)
+    tokenizer = make_tokenizer(tokenizer_spec, texts) if texts else Tokenizer.train_char([])
+    if image_files:
+        images = images or ImageTokensConfig()
+        codec = ImageCodec.from_spec(
+            images.palette, image_files, images.image_size, images.patch, seed
+        )
+        tokenizer.with_images(codec)
+        print(f"images: {codec.describe()}", file=sys.stderr)
     eot = tokenizer.eot_id
     dtype = token_dtype(tokenizer.vocab_size)
     out_dir = Path(out_dir)
@@ -212,12 +248,21 @@ def prepare(
     ):
         for i in range(0, len(docs), ENCODE_BATCH_DOCS):
             batch = docs[i : i + ENCODE_BATCH_DOCS]
-            for ids in tokenizer.encode_batch(batch):
+            batch_texts = [d for d in batch if isinstance(d, str)]
+            encoded = iter(tokenizer.encode_batch(batch_texts))
+            for doc in batch:
+                try:
+                    ids = next(encoded) if isinstance(doc, str) else tokenizer.encode_image(doc)
+                except OmnigptError as e:
+                    if not skip_bad_files:
+                        raise OmnigptError(f"{e} (--skip-bad-files leaves it out)") from None
+                    print(f"skipped: {e}", file=sys.stderr)
+                    continue
                 if eot is not None:
                     ids.append(eot)
                 np.asarray(ids, dtype=dtype).tofile(f)
                 n_tokens += len(ids)
-            n_bytes += sum(len(d.encode("utf-8")) for d in batch)
+                n_bytes += len(doc.encode("utf-8")) if isinstance(doc, str) else doc.stat().st_size
             bar.update(len(batch))
 
     tokens = np.memmap(tmp / "all.bin", dtype=dtype, mode="r")

@@ -72,6 +72,14 @@ def check_record(record: object) -> str | None:
         if any(not m["content"].strip() for m in assistant):
             return "empty assistant message"
         return None
+    if "image_out" in record:
+        if not isinstance(record["image_out"], str):
+            return "'image_out' must be the path of an image"
+        if not isinstance(record.get("prompt", ""), str):
+            return "'prompt' must be a string"
+        if "completion" in record or record.get("image") or record.get("audio"):
+            return "a text→image example has a 'prompt' and an 'image_out', nothing else"
+        return None
     if "prompt" in record or "completion" in record:
         if not isinstance(record.get("prompt"), str):
             return "'prompt' must be a string"
@@ -107,6 +115,9 @@ def read_records(path: str | Path, max_reported: int = 5) -> list[dict]:
             bad.append(f"line {lineno}: {problem}")
         else:
             record["_line"] = lineno  # where it came from, for messages about its media
+            if "image_out" in record:  # relative to the JSONL file, as "image" and "audio"
+                record["image_out"] = str(path.parent / record["image_out"])
+                record.setdefault("prompt", "")
             records.append(record)
     if bad:
         more = f"; and {len(bad) - max_reported} more" if len(bad) > max_reported else ""
@@ -233,7 +244,12 @@ def encode_example(
 
     A single clip's answer also goes with it as `transcript`, for a CTC loss on the encoder."""
     record, counts, media = _with_media(record, loader)
-    r = render(tokenizer, record, counts)
+    try:
+        r = render(tokenizer, record, counts)
+    except OmnigptError as e:
+        if "image_out" in record:  # the image to learn to draw: reported as media
+            raise MediaError(str(e)) from None
+        raise
     if len(media.get("mel", [])) == 1:
         media["transcript"] = tokenizer.encode(reference(record).strip(), allow_special=False)
     x, y = r.ids[:-1], r.labels[1:]
@@ -258,16 +274,32 @@ def encode_records(
     too_long: str = "truncate",
     loader: MediaLoader | None = None,
     skip_bad_media: bool = False,
+    drop_condition: float = 0.0,
+    seed: int = 0,
 ) -> tuple[list[Example], ExampleStats]:
     """Training examples of at most `block_size` tokens from `records`.
 
+    A seeded `drop_condition` share of the text→image records also gives an example without its
+    prompt (classifier-free guidance needs a model that draws unconditionally too).
+
     Too long: `truncate` cuts the end (the example is dropped if no target token is left), `drop`
-    drops it; an example with media is never cut (that could split an image's tokens), only dropped.
+    drops it; an example with media, or one that draws, is never cut (that could split an image's
+    tokens), only dropped.
     A missing or unreadable media file stops with its path and line, or with `skip_bad_media` is
     reported and its example left out.
     """
     examples, stats = [], ExampleStats()
-    for record in records:
+    rng = random.Random(seed)
+    unconditional = [
+        {
+            "prompt": "",
+            "image_out": r["image_out"],
+            **({"_line": r["_line"]} if "_line" in r else {}),
+        }
+        for r in records
+        if "image_out" in r and r["prompt"] and rng.random() < drop_condition
+    ]
+    for record in records + unconditional:
         try:
             x, y, *media = encode_example(tokenizer, record, loader)
         except MediaError as e:
@@ -280,7 +312,7 @@ def encode_records(
             stats.skipped += 1
             continue
         if len(x) > block_size:
-            if too_long == "drop" or media:
+            if too_long == "drop" or media or "image_out" in record:
                 stats.dropped += 1
                 continue
             x, y = x[:block_size], y[:block_size]

@@ -29,6 +29,7 @@ from omnigpt.checkpoint import open_run_folder, read_adapter, save_checkpoint, s
 from omnigpt.config import (
     AudioConfig,
     FinetuneConfig,
+    ImageTokensConfig,
     ModelConfig,
     TrainConfig,
     VisionConfig,
@@ -55,6 +56,7 @@ from omnigpt.lora import (
 )
 from omnigpt.model import GPT
 from omnigpt.model.fusion import MultimodalGPT, attach_encoders
+from omnigpt.pixels import ImageCodec
 from omnigpt.tokenizer import AUDIO, IMAGE, Tokenizer
 from omnigpt.train import RunResult, fit, setup_distributed
 
@@ -161,7 +163,7 @@ def record_texts(record: dict) -> list[str]:
     """The text of an example: prompt and completion, or every message."""
     if "messages" in record:
         return [m["content"] for m in record["messages"]]
-    return [record["prompt"], record["completion"]]
+    return [record["prompt"], record.get("completion", "")]
 
 
 def new_model(
@@ -170,9 +172,13 @@ def new_model(
     tokenizer_spec: str = "char",
     vision: str | None = None,
     audio: str | None = None,
+    images: ImageTokensConfig | None = None,
+    seed: int = 0,
 ) -> tuple[GPT | MultimodalGPT, Tokenizer]:
     """A randomly initialised model, with encoders as asked, and a tokenizer trained on the text of
-    `records` ("char", or "bpe:VOCAB_SIZE"): for training on examples with nothing to start from."""
+    `records` ("char", or "bpe:VOCAB_SIZE"): for training on examples with nothing to start from.
+    When records draw images ("image_out"), the tokenizer gets image codes fitted to those images
+    as `images` says (default: ImageTokensConfig())."""
     texts = [t for r in records for t in record_texts(r)]
     if tokenizer_spec == "char":
         tokenizer = Tokenizer.train_char(texts)
@@ -180,7 +186,20 @@ def new_model(
         tokenizer = Tokenizer.train_bpe(texts, int(tokenizer_spec[4:]))
     else:
         raise OmnigptError(f"--tokenizer {tokenizer_spec!r}: use char or bpe:VOCAB_SIZE")
+    drawn = [r["image_out"] for r in records if "image_out" in r]
+    if drawn:
+        images = images or ImageTokensConfig()
+        codec = ImageCodec.from_spec(images.palette, drawn, images.image_size, images.patch, seed)
+        tokenizer.with_images(codec)
+        print(f"images: {codec.describe()}")
+        if model_cfg.block_size < codec.tokens + 3:
+            raise OmnigptError(
+                f"a context of {model_cfg.block_size} tokens cannot hold an image of {codec.tokens} "
+                "codes with its start, end and a prompt: raise --block-size or --patch, or lower "
+                "--image-size"
+            )
     cfg = ModelConfig(**{**model_cfg.to_dict(), "vocab_size": tokenizer.vocab_size})
+    cfg = cfg.with_image_grid(*tokenizer.image_grid())
     return add_encoders(GPT(cfg), tokenizer, vision, audio), tokenizer
 
 
@@ -192,11 +211,13 @@ def save_new_model(
     vision: str | None = None,
     audio: str | None = None,
     seed: int = 0,
+    images: ImageTokensConfig | None = None,
 ) -> Tokenizer:
     """`new_model` for the examples in `data`, initialised from `seed` and saved as a checkpoint in
     `folder` (what `train_on_examples` and staged training start from); returns its tokenizer."""
     torch.manual_seed(seed)
-    model, tokenizer = new_model(read_records(data), model_cfg, tokenizer_spec, vision, audio)
+    records = read_records(data)
+    model, tokenizer = new_model(records, model_cfg, tokenizer_spec, vision, audio, images, seed)
     save_checkpoint(folder, model, tokenizer)
     return tokenizer
 
@@ -291,6 +312,11 @@ def _examples(
     """Training and validation examples, and a line that counts them. Without `val_data`, a seeded
     random `val_fraction` of `data` is held out."""
     records = read_records(data)
+    if tokenizer.images is None and any("image_out" in r for r in records):
+        raise OmnigptError(
+            f"{data} has text→image examples but the model has no image tokens to draw with; "
+            "train a model that draws from nothing: omnigpt train --data FILE.jsonl"
+        )
     if val_data:
         val_records = read_records(val_data)
     else:
@@ -307,6 +333,8 @@ def _examples(
         cfg.too_long,
         media_loader(model, Path(data).parent),
         cfg.skip_bad_media,
+        cfg.drop_condition,
+        seed,
     )
     val, val_stats = encode_records(
         tokenizer,
@@ -350,10 +378,13 @@ def train_on_examples(
     resume: bool = False,
     progress: bool = True,
     resume_overrides: dict[str, Any] | None = None,
+    images: ImageTokensConfig | None = None,
+    drop_condition: float = FinetuneConfig.drop_condition,
 ) -> RunResult:
-    """A new model (encoders as asked, a tokenizer trained on the examples' text) saved in
-    out_dir/init, then trained on every weight by `finetune()`, in the same kind of run folder as
-    `pretrain`. With `resume`, the run in `out_dir` continues."""
+    """A new model (encoders as asked, a tokenizer trained on the examples' text, image codes as
+    `images` says when they draw) saved in out_dir/init, then trained on every weight by
+    `finetune()`, in the same kind of run folder as `pretrain`. With `resume`, the run in `out_dir`
+    continues."""
     out_dir = Path(out_dir)
     if not resume:
         open_run_folder(out_dir, resume=False)
@@ -363,10 +394,10 @@ def train_on_examples(
             )
         init = out_dir / "init"
         tokenizer = save_new_model(
-            data, init, model_cfg, tokenizer_spec, vision, audio, train_cfg.seed
+            data, init, model_cfg, tokenizer_spec, vision, audio, train_cfg.seed, images
         )
         print(f"new model in {init} ({tokenizer.vocab_size} tokens: {tokenizer_spec})")
-    ft_cfg = FinetuneConfig(method="full", pack=pack)
+    ft_cfg = FinetuneConfig(method="full", pack=pack, drop_condition=drop_condition)
     return finetune(
         out_dir / "init",
         data,

@@ -167,13 +167,13 @@ def _prefill(
     model: GPT,
     tokens: torch.Tensor,
     pads: torch.Tensor,
-    caches: list,
+    caches: list | None,
     total: int,
     inputs: dict,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The prompt pass over left-padded `tokens` (B, T), filling the caches; the last position's
-    logits (B, 1, V), and for a padded batch which cache slots each sequence may attend to
-    (B, total), else None."""
+    """The prompt pass over left-padded `tokens` (B, T), filling the caches (if any); the last
+    position's logits (B, 1, V), and for a padded batch which cache slots each sequence may attend
+    to (B, total), else None."""
     if not bool(pads.any()):
         logits, _ = model(tokens, caches=caches, last_only=True, **inputs)
         return logits, None
@@ -198,10 +198,12 @@ def _decode_step(
     key_valid: torch.Tensor | None,
     caches: list,
     pos: int,
+    **inputs,
 ) -> torch.Tensor:
-    """One token per sequence (B,) fed at cache index `pos`; the next logits (B, 1, V)."""
+    """One token per sequence (B,) fed at cache index `pos`; the next logits (B, 1, V). `inputs`
+    are further model inputs (an image code's `image_index`)."""
     if key_valid is None:
-        logits, _ = model(ids[:, None], caches=caches, start_pos=pos)
+        logits, _ = model(ids[:, None], caches=caches, start_pos=pos, **inputs)
     else:
         logits, _ = model(
             ids[:, None],
@@ -209,6 +211,7 @@ def _decode_step(
             attn_mask=key_valid[:, None, None, : pos + 1],
             caches=caches,
             start_pos=pos,
+            **inputs,
         )
     return logits
 

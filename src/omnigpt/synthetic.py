@@ -6,7 +6,9 @@
 *Shapes*: one to three coloured shapes (circle, square, triangle) of different sizes at random,
 non-overlapping places on a light, slightly noisy background. The caption names them left to right
 ("a red circle and a blue square"); questions ask for a colour, a shape, the count, and which of two
-shapes is further left. Every answer is true by construction.
+shapes is further left. Every answer is true by construction. A scene's caption is also a prompt to draw
+it from (text→image examples), and `find_shapes` / `score_scene` read the shapes back from a drawn
+picture: the pixel checker of a model's drawings.
 
 *Keypad tones*: telephone (DTMF) digits, each the sum of a row and a column tone, with random
 durations, gaps, loudness and background noise; the transcript is the digits, space-separated. It is
@@ -61,12 +63,14 @@ def _join(parts: list[str]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def _place(rng: random.Random, count: int, size: int) -> list[Shape]:
+def _place(
+    rng: random.Random, count: int, size: int, sizes: tuple[int, int] = SHAPE_SIZES
+) -> list[Shape]:
     """Non-overlapping shapes (bounding circles apart), retrying until they fit."""
     while True:
         shapes: list[Shape] = []
         for _ in range(200):
-            s = rng.randint(*SHAPE_SIZES)
+            s = rng.randint(*sizes)
             r = s // 2 + 1
             cand = Shape(
                 rng.choice(SHAPES),
@@ -129,10 +133,14 @@ def _questions(shapes: list[Shape], rng: random.Random) -> list[tuple[str, str]]
 
 
 def shapes_scene(
-    rng: random.Random, size: int = IMAGE_SIZE, counts: tuple[int, int] = (1, 3)
+    rng: random.Random,
+    size: int = IMAGE_SIZE,
+    counts: tuple[int, int] = (1, 3),
+    sizes: tuple[int, int] = SHAPE_SIZES,
 ) -> Scene:
-    """A scene of counts[0] to counts[1] shapes (at most three)."""
-    shapes = _place(rng, rng.randint(*counts), size)
+    """A scene of counts[0] to counts[1] shapes (at most three), each sizes[0] to sizes[1] pixels
+    across."""
+    shapes = _place(rng, rng.randint(*counts), size, sizes)
     caption = _join([f"a {s.colour} {s.kind}" for s in shapes])
     return Scene(_draw(shapes, size, rng), shapes, caption, _questions(shapes, rng))
 
@@ -192,21 +200,32 @@ def write_shapes(
     seed: int,
     questions: bool = True,
     counts: tuple[int, int] = (1, 3),
+    read: bool = True,
+    draw: bool = False,
+    sizes: tuple[int, int] = SHAPE_SIZES,
+    exclude: frozenset[tuple[str, str]] = frozenset(),
 ) -> Path:
     """`n` scenes of counts[0]–counts[1] shapes as PNG files under out_dir/images and
-    out_dir/shapes.jsonl: one caption example per scene, plus one example per question when
-    `questions`. Returns the JSONL path."""
+    out_dir/shapes.jsonl. When `read`: one caption example per scene, plus one example per question
+    when `questions`; when `draw`: one text→image example per scene, its caption as the prompt.
+    Scenes with a (colour, kind) in `exclude` are never drawn (to hold combinations out). Returns
+    the JSONL path."""
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     records = []
     for i in range(n):
-        scene = shapes_scene(rng, counts=counts)
+        scene = shapes_scene(rng, counts=counts, sizes=sizes)
+        while exclude.intersection((s.colour, s.kind) for s in scene.shapes):
+            scene = shapes_scene(rng, counts=counts, sizes=sizes)
         name = f"images/{seed}-{i:05d}.png"
         scene.image.save(out_dir / name)
-        records.append({"image": name, "prompt": CAPTION_PROMPT, "completion": scene.caption})
-        if questions:
+        if read:
+            records.append({"image": name, "prompt": CAPTION_PROMPT, "completion": scene.caption})
+        if read and questions:
             records += [{"image": name, "prompt": q, "completion": a} for q, a in scene.questions]
+        if draw:
+            records.append({"prompt": scene.caption, "image_out": name})
     return _write_jsonl(out_dir / "shapes.jsonl", records)
 
 
@@ -235,13 +254,15 @@ def write_datasets(
     questions: bool = True,
     max_shapes: int = 3,
     max_digits: int = 6,
+    draw: bool = False,
 ) -> list[tuple[Path, int]]:
     """The built-in data sets named in `kinds` ("shapes", "keypad") under out_dir; with both, also
-    out_dir/all.jsonl holding every example, shuffled. Returns each JSONL file and its example count."""
+    out_dir/all.jsonl holding every example, shuffled. With `draw`, shapes scenes also give
+    text→image examples. Returns each JSONL file and its example count."""
     written, lines = [], []
     for kind in dict.fromkeys(kinds):
         if kind == "shapes":
-            path = write_shapes(out_dir, n, seed, questions, (1, max_shapes))
+            path = write_shapes(out_dir, n, seed, questions, (1, max_shapes), draw=draw)
         elif kind == "keypad":
             path = write_keypad(out_dir, n, seed, (1, max_digits))
         else:
@@ -255,3 +276,68 @@ def write_datasets(
         path.write_text("".join(lines), encoding="utf-8")
         written.append((path, len(lines)))
     return written
+
+
+# -- reading shapes back from pixels -------------------------------------------------------------
+
+
+def find_shapes(image, min_area: int = 6, max_distance: float = 60.0) -> list[Shape]:
+    """The shapes a picture of a shapes scene shows, left to right (a pixel checker for drawn
+    scenes): each pixel takes the nearest of the five colours or the light background, when within
+    `max_distance` of it in RGB (an edge pixel blending two colours is neither); each
+    connected patch of one colour of at least `min_area` pixels is a shape, of the kind whose ideal
+    outline drawn in the patch's bounding box overlaps it best (intersection over union)."""
+    from scipy import ndimage
+
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    names = list(COLOURS)
+    references = np.array([COLOURS[n] for n in names] + [(237, 237, 237)], dtype=np.float32)
+    distance = ((pixels[:, :, None, :] - references) ** 2).sum(-1)  # (H, W, 6)
+    nearest = distance.argmin(-1)
+    nearest[distance.min(-1) > max_distance**2] = len(names)  # a blend of colours: no shape's
+    found = []
+    for index, name in enumerate(names):
+        labels, count = ndimage.label(nearest == index)
+        for part in range(1, count + 1):
+            ys, xs = np.nonzero(labels == part)
+            if len(xs) < min_area:
+                continue
+            box = (labels == part)[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+
+            def overlap(kind: str, box=box) -> float:
+                ideal = _outline(kind, box.shape[1], box.shape[0])
+                return (ideal & box).sum() / (ideal | box).sum()
+
+            kind = max(SHAPES, key=overlap)
+            found.append(Shape(kind, name, int(xs.mean()), int(ys.mean()), int(max(box.shape))))
+    return sorted(found, key=lambda s: s.x)
+
+
+def _outline(kind: str, width: int, height: int, supersample: int = 8) -> np.ndarray:
+    """A shape of `kind` filling a width × height box, as a boolean mask, drawn as `_draw` does."""
+    from PIL import Image, ImageDraw
+
+    w, h = width * supersample - 1, height * supersample - 1
+    canvas = Image.new("L", (w + 1, h + 1), 0)
+    draw = ImageDraw.Draw(canvas)
+    if kind == "square":
+        draw.rectangle((0, 0, w, h), fill=255)
+    elif kind == "circle":
+        draw.ellipse((0, 0, w, h), fill=255)
+    else:
+        draw.polygon([(w / 2, 0), (0, h), (w, h)], fill=255)
+    return np.asarray(canvas.resize((width, height), Image.Resampling.BOX)) > 127
+
+
+def score_scene(image, wanted: list[tuple[str, str]]) -> dict[str, bool]:
+    """How a drawn scene matches the shapes asked for, (colour, kind) left to right: the right
+    count, colours, kinds and order, and all of them together ("right")."""
+    found = [(s.colour, s.kind) for s in find_shapes(image)]
+    count = len(found) == len(wanted)
+    return {
+        "right": found == list(wanted),
+        "count": count,
+        "colours": sorted(c for c, _ in found) == sorted(c for c, _ in wanted),
+        "kinds": sorted(k for _, k in found) == sorted(k for _, k in wanted),
+        "order": count and found == list(wanted),
+    }

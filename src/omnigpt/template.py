@@ -1,13 +1,16 @@
 """The chat template: how a record renders to tokens with training labels, and back to messages.
 
-Two record kinds (read from JSONL in `examples.py`):
+Three record kinds (read from JSONL in `examples.py`):
 
     {"prompt": "Translate: a dog", "completion": "ein Hund"}
     {"messages": [{"role": "system", "content": "..."}, {"role": "user", "content": "..."},
                   {"role": "assistant", "content": "..."}, ...]}
+    {"prompt": "a red circle", "image_out": "circle.png"}          (text → image)
 
-A prompt/completion record renders as `prompt completion <|endoftext|>`. A conversation renders each
-turn as a role token, its content and `<|end|>`:
+A prompt/completion record renders as `prompt completion <|endoftext|>`; a text→image record as
+`prompt <|image_start|> codes <|image_end|> <|endoftext|>` (see `pixels.py`), where only the codes
+and `<|image_end|>` are targets (with an empty prompt, it teaches the model to draw unconditionally).
+A conversation renders each turn as a role token, its content and `<|end|>`:
 
     <|system|>Be brief.<|end|><|user|>Hi<|end|><|assistant|>Hello!<|end|>
 
@@ -29,6 +32,7 @@ from omnigpt.tokenizer import (
     EOT,
     IGNORE_INDEX,
     IMAGE,
+    IMAGE_START,
     SYSTEM,
     USER,
     Tokenizer,
@@ -95,6 +99,12 @@ def render(tokenizer: Tokenizer, record: dict, media: MediaCounts | None = None)
     `media` gives, per placeholder kind, the token count of each of the record's images or clips;
     the record's placeholders are expanded to those counts (see `with_placeholders`)."""
     used: dict[str, int] = {}
+    if "image_out" in record:
+        prompt = _encode(tokenizer, record["prompt"], media, used)
+        _check_all_used(media, used)
+        image = tokenizer.encode_image(record["image_out"])
+        ids = prompt + image + [_special(tokenizer, EOT)]
+        return Rendered(ids, [IGNORE_INDEX] * (len(prompt) + 1) + image[1:] + [IGNORE_INDEX])
     if "messages" not in record:
         prompt = _encode(tokenizer, record["prompt"], media, used)
         completion = _encode(tokenizer, record["completion"], media, used)
@@ -150,7 +160,7 @@ def prompt_ids(tokenizer: Tokenizer, record: dict, media: MediaCounts | None = N
         used: dict[str, int] = {}
         ids = _encode(tokenizer, record["prompt"], media, used)
         _check_all_used(media, used)
-        return ids
+        return ids + ([_special(tokenizer, IMAGE_START)] if "image_out" in record else [])
     messages = record["messages"]
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     head = render(tokenizer, {"messages": messages[:last]}, media).ids if last else []
@@ -159,6 +169,10 @@ def prompt_ids(tokenizer: Tokenizer, record: dict, media: MediaCounts | None = N
 
 def reference(record: dict) -> str:
     """The answer a record expects: its completion, or its last assistant turn."""
+    if "image_out" in record:
+        raise OmnigptError(
+            "a text→image example has no text answer to score (perplexity scores its image)"
+        )
     if "messages" not in record:
         return record["completion"]
     return [m for m in record["messages"] if m["role"] == "assistant"][-1]["content"]

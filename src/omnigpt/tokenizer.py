@@ -20,6 +20,7 @@ from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 from omnigpt.errors import OmnigptError
+from omnigpt.pixels import ImageCodec
 
 EOT = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -29,10 +30,22 @@ SYSTEM = "<|system|>"
 USER = "<|user|>"
 ASSISTANT = "<|assistant|>"
 END_OF_TURN = "<|end|>"
-N_RESERVED = 8
-SPECIAL_TOKENS = [EOT, PAD, IMAGE, AUDIO, SYSTEM, USER, ASSISTANT, END_OF_TURN] + [
-    f"<|reserved_{i}|>" for i in range(N_RESERVED)
+IMAGE_START = "<|image_start|>"  # an image the model reads or writes as codes (see pixels.py)
+IMAGE_END = "<|image_end|>"
+N_RESERVED = 6
+SPECIAL_TOKENS = [
+    EOT,
+    PAD,
+    IMAGE,
+    AUDIO,
+    SYSTEM,
+    USER,
+    ASSISTANT,
+    END_OF_TURN,
+    IMAGE_START,
+    IMAGE_END,
 ]
+SPECIAL_TOKENS += [f"<|reserved_{i}|>" for i in range(N_RESERVED)]
 TOKENIZER_FILE = "tokenizer.json"
 # a label that is no token id: the position is not a training target (cross-entropy skips it)
 IGNORE_INDEX = -100
@@ -41,10 +54,12 @@ IGNORE_INDEX = -100
 class Tokenizer:
     """A thin wrapper over `tokenizers.Tokenizer` with omnigpt's special tokens and file layout."""
 
-    def __init__(self, hf: HFTokenizer, kind: str = "bpe"):
+    def __init__(self, hf: HFTokenizer, kind: str = "bpe", images: ImageCodec | None = None):
         self.hf = hf
         self._token_texts: list[str] | None = None  # see token_texts()
         self.kind = kind  # "bpe" | "char" | "gpt2" | "file": how it was made, for messages only
+        self.images = images  # how image codes map to pixels, when the vocabulary has them
+        self._code_ids: range | None = None  # see code_ids
 
     # -- construction -------------------------------------------------------------------------
 
@@ -105,11 +120,14 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
-        """A `tokenizer.json` file, or a folder holding one (or GPT-2's vocab.json + merges.txt)."""
+        """A `tokenizer.json` file, or a folder holding one (or GPT-2's vocab.json + merges.txt);
+        with the image codec saved beside it, if any."""
         path = Path(path)
         if path.is_dir():
             if (path / TOKENIZER_FILE).is_file():
-                return cls.from_file(path / TOKENIZER_FILE)
+                tokenizer = cls.from_file(path / TOKENIZER_FILE)
+                codec = ImageCodec.load(path)
+                return tokenizer.with_images(codec) if codec else tokenizer
             if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
                 return cls.from_gpt2_files(path / "vocab.json", path / "merges.txt")
             raise OmnigptError(f"{path}: no tokenizer.json (nor vocab.json + merges.txt) in folder")
@@ -118,7 +136,31 @@ class Tokenizer:
     def save(self, folder: str | Path) -> Path:
         path = Path(folder) / TOKENIZER_FILE
         self.hf.save(str(path))
+        if self.images is not None:
+            self.images.save(folder)
         return path
+
+    def with_images(self, codec: ImageCodec) -> Tokenizer:
+        """This tokenizer able to write images with `codec`: one token per code, `<|code_0|>` ...,
+        added after the text vocabulary (ids a checkpoint trained with them keeps). A tokenizer
+        holding image codes already must have exactly as many."""
+        have = self.code_ids
+        if have is not None and len(have) != codec.n_codes:
+            raise OmnigptError(
+                f"the tokenizer has {len(have)} image codes, the palette {codec.n_codes}"
+            )
+        if have is None:
+            if self.token_id(IMAGE_START) is None:
+                raise OmnigptError(
+                    f"the tokenizer has no {IMAGE_START} token: image tokens need a tokenizer "
+                    "trained by omnigpt"
+                )
+            self.hf.add_special_tokens([code_token(i) for i in range(codec.n_codes)])
+            self._token_texts = None
+        self.images = codec
+        first = self.token_id(code_token(0))
+        self._code_ids = range(first, first + codec.n_codes)
+        return self
 
     # -- use ------------------------------------------------------------------------------------
 
@@ -134,9 +176,57 @@ class Tokenizer:
         return self.token_id(EOT)
 
     @property
+    def code_ids(self) -> range | None:
+        """The ids of the image codes (code i is id code_ids[i]), or None without image tokens."""
+        if self._code_ids is not None:
+            return self._code_ids
+        first = self.token_id(code_token(0))
+        if first is None:
+            return None
+        n = 1
+        while self.token_id(code_token(n)) == first + n:
+            n += 1
+        return range(first, first + n)
+
+    def encode_image(self, image) -> list[int]:
+        """An image (a path or Pillow image) as the tokens a model reads and writes it with:
+        `<|image_start|>`, its codes in raster order, `<|image_end|>`."""
+        if self.images is None:
+            raise OmnigptError("this tokenizer has no image codes: the model does not write images")
+        codes = (self.images.encode(image) + self.code_ids.start).tolist()
+        return [self.token_id(IMAGE_START), *codes, self.token_id(IMAGE_END)]
+
+    def decode_image(self, ids) -> object:
+        """The Pillow image of an image's code token ids (rows · cols of them, no start or end)."""
+        if self.images is None:
+            raise OmnigptError("this tokenizer has no image codes: the model does not write images")
+        return self.images.decode([i - self.code_ids.start for i in ids])
+
+    def image_grid(self) -> tuple[int, int, int]:
+        """Rows and columns of codes per image and the `<|image_start|>` id (zeros without images):
+        what `ModelConfig.with_image_grid` takes."""
+        if self.images is None:
+            return 0, 0, 0
+        return self.images.rows, self.images.cols, self.token_id(IMAGE_START)
+
+    def differs_from(self, other: Tokenizer) -> str | None:
+        """Why `other` ("it") is not this tokenizer, or None when it is: its images or its text."""
+        if other.fingerprint == self.fingerprint:
+            return None
+        if self.images is None and other.images is not None:
+            return "it writes images and this tokenizer does not"
+        if self.images is not None:
+            reason = self.images.same_as(other.images)
+            if reason:
+                return reason
+        return "its text vocabulary is another"
+
+    @property
     def fingerprint(self) -> str:
-        """A short hash of the full tokenizer definition; checkpoints record it to catch mismatches."""
-        return hashlib.sha256(self.hf.to_str().encode()).hexdigest()[:16]
+        """A short hash of the full tokenizer definition (with its image codec); checkpoints record
+        it to catch mismatches."""
+        definition = self.hf.to_str() + (self.images.fingerprint if self.images else "")
+        return hashlib.sha256(definition.encode()).hexdigest()[:16]
 
     def encode(self, text: str, allow_special: bool = True) -> list[int]:
         """Token ids of `text`; with allow_special=False a literal "<|end|>" in it stays plain text."""
@@ -180,6 +270,11 @@ class Tokenizer:
         if not any(len(texts[i]) > len(last) for i in allowed):
             return ids, None
         return ids[:-1], allowed
+
+
+def code_token(i: int) -> str:
+    """The token of image code i."""
+    return f"<|code_{i}|>"
 
 
 class StreamDecoder:

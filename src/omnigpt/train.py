@@ -640,11 +640,13 @@ def _initial_model(
     every process."""
     if init_from is not None:
         model, ckpt_tokenizer = load_checkpoint(init_from)
-        if ckpt_tokenizer.fingerprint != tokenizer.fingerprint:
-            raise OmnigptError(f"{init_from} was trained with another tokenizer than {data_dir}")
+        reason = tokenizer.differs_from(ckpt_tokenizer)
+        if reason:
+            raise OmnigptError(f"{init_from} does not fit the data in {data_dir}: {reason}")
         return model
     if model_cfg is None:
         raise OmnigptError("a new run needs a model config (or init_from)")
+    model_cfg = model_cfg.with_image_grid(*tokenizer.image_grid())
     model_cfg.vocab_size = padded_vocab(tokenizer.vocab_size)
     torch.manual_seed(seed)
     return GPT(model_cfg)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from omnigpt.config import AudioConfig, VisionConfig
 from omnigpt.errors import OmnigptError
 from omnigpt.model.audio import AudioEncoder
-from omnigpt.model.gpt import GPT
+from omnigpt.model.gpt import GPT, image_code_index
 from omnigpt.model.vision import VisionEncoder
 
 
@@ -237,6 +237,8 @@ class MultimodalGPT(nn.Module):
         transcripts (`ctc_targets`, `ctc_lengths`) and AudioConfig.ctc > 0, the loss adds that
         weight times the encoder's CTC loss."""
         x, features = self._embed(tokens, images, mel, frames)
+        if self.gpt.config.image_rows and decoder_kwargs.get("image_index") is None:
+            decoder_kwargs["image_index"] = image_code_index(tokens, self.gpt.config)
         logits, loss = self.gpt(embeddings=x, targets=targets, **decoder_kwargs)
         if (
             self.audio_ctc is not None

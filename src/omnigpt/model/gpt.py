@@ -9,6 +9,10 @@
 
 Positions default to 0..T-1 after `start_pos`; a batch of left-padded prompts passes its own
 `positions` (B, T) and a boolean `attn_mask` (B, 1, T, start_pos + T), True where attention is allowed.
+
+A model that writes images (`config.image_rows` > 0) also adds a learned row and column embedding to
+each image code: the k-th token after `<|image_start|>` sits at row k // cols, column k % cols. The
+places are found in `tokens`; a decoding step that feeds one code passes its `image_index` (B, 1).
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         if cfg.pos_encoding == "learned":
             self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        if cfg.image_rows:  # 2-D positions of image codes, on top of the sequence positions
+            self.wrow = nn.Embedding(cfg.image_rows, cfg.n_embd)
+            self.wcol = nn.Embedding(cfg.image_cols, cfg.n_embd)
         self.make_position_tables()
         self.drop = nn.Dropout(cfg.dropout)
         self.h = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
@@ -102,6 +109,13 @@ class GPT(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------------
 
+    def image_positions(self, index: torch.Tensor) -> torch.Tensor:
+        """Row + column embeddings (B, T, C) of image places `index` (B, T); 0 where it is -1."""
+        cols = self.config.image_cols
+        at = index.clamp(min=0)
+        position = self.wrow(at // cols) + self.wcol(at % cols)
+        return position * (index >= 0)[..., None].to(position.dtype)
+
     def make_caches(self, batch: int, max_len: int, device=None, dtype=None) -> list[KVCache]:
         cfg = self.config
         device = device or self.wte.weight.device
@@ -119,11 +133,17 @@ class GPT(nn.Module):
         caches: list[KVCache] | None = None,
         start_pos: int = 0,
         last_only: bool = False,
+        image_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, V) — or (B, 1, V) with `last_only` — without targets; with targets, (None,
         mean cross-entropy over the targets that are not IGNORE_INDEX)."""
         cfg = self.config
         x = self.wte(tokens) if embeddings is None else embeddings  # (B, T, C)
+        if cfg.image_rows:
+            if image_index is None and tokens is not None:
+                image_index = image_code_index(tokens, cfg)
+            if image_index is not None:
+                x = x + self.image_positions(image_index)
         B, T, _ = x.shape
         if positions is None:
             if start_pos + T > cfg.block_size:
@@ -154,3 +174,13 @@ class GPT(nn.Module):
         logits = self.lm_head(x[keep])  # (N, V)
         loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
         return None, loss / keep.sum().clamp(min=1)
+
+
+def image_code_index(tokens: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """Each token's place (B, T) in the image it is a code of: k for the k-th token after the last
+    `<|image_start|>` (k < rows · cols), -1 for every other token."""
+    at = torch.arange(tokens.size(-1), device=tokens.device).expand_as(tokens)
+    last_start = torch.where(tokens == cfg.image_start_id, at, -1).cummax(-1).values
+    k = at - last_start - 1
+    inside = (last_start >= 0) & (k >= 0) & (k < cfg.image_rows * cfg.image_cols)
+    return torch.where(inside, k, -1)
