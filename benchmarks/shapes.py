@@ -13,6 +13,10 @@ Steps, all through omnigpt's library functions:
 3. greedy answers on the test scenes from the best checkpoint: caption exact match, and accuracy
    per question kind.
 
+With `--draw`, every training scene also gives a text→image example (its caption → the scene, as
+4×4-pixel patch codes at 32×32), so one model learns to read and to write: its caption and answer
+scores, set beside those of a run without `--draw`, show what drawing costs reading.
+
 The last line printed is one JSON object with the settings, times and scores.
 """
 
@@ -26,12 +30,14 @@ from pathlib import Path
 import torch
 from common import build_init, timed, train_in_stages
 
+from omnigpt.config import ImageTokensConfig
 from omnigpt.evaluate import generate_answers
 from omnigpt.examples import read_records
 from omnigpt.generate import GenerationOptions
 from omnigpt.hardware import machine_info, pick_device
+from omnigpt.imagine import imagine, save_images
 from omnigpt.load import load_model
-from omnigpt.synthetic import CAPTION_PROMPT, write_shapes
+from omnigpt.synthetic import CAPTION_PROMPT, COLOURS, SHAPES, score_scene, write_shapes
 
 
 def question_kind(prompt: str) -> str:
@@ -65,15 +71,21 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--draw", action="store_true", help="also train text→image on every training scene"
+    )
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     times = {}
 
     def write_all():
+        draw = args.draw
         return [
-            write_shapes(args.out / "train", args.train_scenes, seed=1),
+            write_shapes(args.out / "train", args.train_scenes, seed=1, draw=draw),
             write_shapes(args.out / "val", 200, seed=2),
-            write_shapes(args.out / "train-1", args.train_scenes // 4, seed=11, counts=(1, 1)),
+            write_shapes(
+                args.out / "train-1", args.train_scenes // 4, seed=11, counts=(1, 1), draw=draw
+            ),
             write_shapes(args.out / "val-1", 200, seed=12, counts=(1, 1)),
             write_shapes(args.out / "test", args.test_scenes, seed=3),
         ]
@@ -81,8 +93,15 @@ def main() -> None:
     (train, val, train_1, val_1, test), times["data"] = timed(write_all)
     print(f"data: {times['data']}", flush=True)
 
+    images = ImageTokensConfig(image_size=32, palette="512", patch=4) if args.draw else None
     init = build_init(
-        args.out, train, args.decoder, block_size=128, seed=args.seed, vision=args.vision
+        args.out,
+        train,
+        args.decoder,
+        block_size=192 if args.draw else 128,  # 64 image codes and a caption
+        seed=args.seed,
+        images=images,
+        vision=args.vision,
     )
 
     # Two stages, as for speech: scenes of one shape first, then scenes of one to three.
@@ -134,6 +153,14 @@ def main() -> None:
         "machine": machine_info(),
         "settings": {k: str(v) for k, v in vars(args).items()},
     }
+    if args.draw:  # the same model draws: one-shape prompts, scored by the pixel checker
+        wanted = [(c, k) for c in COLOURS for k in SHAPES]
+        opts = GenerationOptions(temperature=1.0, seed=args.seed, num_samples=8)
+        prompts = [f"a {c} {k}" for c, k in wanted]
+        drawn, times["draw"] = timed(imagine, model, tokenizer, prompts, opts, 3.0)
+        save_images(drawn, args.out / "drawn")
+        right = [score_scene(im, [wanted[i // 8]])["right"] for i, im in enumerate(drawn)]
+        report["one_shape_drawn_right"] = round(sum(right) / len(right), 4)
     print(json.dumps(report))
 
 
