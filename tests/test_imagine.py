@@ -133,6 +133,7 @@ def _two_patterns(folder):
     return data, rows, cols
 
 
+TINY_FLAGS = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16"]
 TINY = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=96)
 STEPS = dict(
     batch_size=8, lr=3e-3, eval_interval=40, warmup_steps=5, device="cpu", precision="fp32"
@@ -174,12 +175,7 @@ def test_imagine_command_writes_samples_and_refuses_bad_input(tmp_path, capsys):
     run = tmp_path / "run"
     args = ["train", "--data", str(data), "--out", str(run), "--image-size", "8", "--palette", "2"]
     args += [
-        "--n-layer",
-        "1",
-        "--n-head",
-        "2",
-        "--n-embd",
-        "16",
+        *TINY_FLAGS,
         "--block-size",
         "96",
         "--max-steps",
@@ -252,12 +248,7 @@ def test_imagine_command_writes_samples_and_refuses_bad_input(tmp_path, capsys):
                 str(text_only),
                 "--out",
                 str(plain),
-                "--n-layer",
-                "1",
-                "--n-head",
-                "2",
-                "--n-embd",
-                "16",
+                *TINY_FLAGS,
                 "--block-size",
                 "16",
                 "--max-steps",
@@ -319,12 +310,7 @@ def test_next_pixel_pretraining_on_a_folder_of_images_mixed_with_text(tmp_path, 
         str(data),
         "--out",
         str(run),
-        "--n-layer",
-        "1",
-        "--n-head",
-        "2",
-        "--n-embd",
-        "16",
+        *TINY_FLAGS,
     ]
     assert (
         main(
