@@ -255,7 +255,9 @@ def _chat_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="fine-tuned chat model: run or checkpoint folder")
     p.add_argument("--system", help="system prompt that starts the conversation")
     p.add_argument(
-        "--image-dir", default="imagined", help="where /imagine TEXT saves what the model draws"
+        "--image-dir",
+        default="imagined",
+        help="where /imagine TEXT saves what the model draws (with the sampling flags below)",
     )
     _sampling_args(p, temperature=0.7)
 
@@ -717,7 +719,7 @@ def _chat_imagine(session, prompt: str, args: argparse.Namespace) -> None:
         print("(this model does not draw: its tokenizer has no image codes)")
         return
     cfg = 3.0 if learned_unconditional(args.model) else 1.0
-    opts = _generation_options(args, temperature=1.0, token_healing=False)
+    opts = _generation_options(args, token_healing=False)  # the chat's sampling flags
     [image] = imagine(session.model, session.tokenizer, [prompt], opts, cfg)
     folder = Path(args.image_dir)
     folder.mkdir(parents=True, exist_ok=True)

@@ -54,11 +54,11 @@ IGNORE_INDEX = -100
 class Tokenizer:
     """A thin wrapper over `tokenizers.Tokenizer` with omnigpt's special tokens and file layout."""
 
-    def __init__(self, hf: HFTokenizer, kind: str = "bpe", images: ImageCodec | None = None):
+    def __init__(self, hf: HFTokenizer, kind: str = "bpe"):
         self.hf = hf
         self._token_texts: list[str] | None = None  # see token_texts()
         self.kind = kind  # "bpe" | "char" | "gpt2" | "file": how it was made, for messages only
-        self.images = images  # how image codes map to pixels, when the vocabulary has them
+        self.images: ImageCodec | None = None  # how image codes map to pixels (see with_images)
         self._code_ids: range | None = None  # see code_ids
 
     # -- construction -------------------------------------------------------------------------
