@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -74,6 +76,27 @@ def tiny_model(vocab_size: int = 64, **overrides) -> GPT:
         }
     )
     return GPT(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def code_model() -> tuple[GPT, Tokenizer]:
+    """A tiny GPT trained for about a second on CORPUS with a character tokenizer: its greedy answers
+    are printable, code-like and differ from prompt to prompt (an untrained model's are not)."""
+    tok = Tokenizer.train_char([CORPUS])
+    torch.manual_seed(0)
+    model = tiny_model(tok.vocab_size, block_size=96).train()
+    data = torch.tensor(tok.encode(CORPUS))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    rows = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        starts = torch.randint(0, len(data) - 33, (16,), generator=rows)
+        x = torch.stack([data[i : i + 32] for i in starts])
+        y = torch.stack([data[i + 1 : i + 33] for i in starts])
+        _, loss = model(x, y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval(), tok
 
 
 @pytest.fixture
@@ -156,3 +179,47 @@ def task_files(tmp_path, tok):
 
 
 QUICK = dict(batch_size=16, max_steps=8, eval_interval=4, warmup_steps=2, lr=1e-2, log_interval=1)
+
+
+# -- a server on loopback, in this process ---------------------------------------------------------
+
+
+@contextlib.contextmanager
+def running_server(service):
+    """Serves `service` (omnigpt.server.Service) with uvicorn on 127.0.0.1 at a free port, in a
+    thread; yields its base URL."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    from omnigpt.server import create_app
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(service), log_level="warning", access_log=False)
+    )
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.time() + 10
+    while not server.started and time.time() < deadline:
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+def slowed(engine, seconds: float) -> None:
+    """Makes each decode step of an engine take at least `seconds` longer (to catch it mid-way)."""
+    step = engine._step
+
+    def slow_step():
+        time.sleep(seconds)
+        step()
+
+    engine._step = slow_step

@@ -265,3 +265,17 @@ def test_imported_model_fine_tunes_like_any_run(tmp_path, bpe, capsys):
     )
     summary = json.loads((tmp_path / "ft/summary.json").read_text())
     assert summary["steps"] == 15
+
+
+def test_an_exported_model_serves_in_the_transformers_pipeline(tmp_path, code_model):
+    """What vLLM or TGI would be given: a folder `convert --to-hf` wrote, loaded and run by
+    transformers' own text-generation pipeline, greedy, as omnigpt generates."""
+    from omnigpt.generate import generate_text
+
+    model, tok = code_model
+    export_hf(model, tok, tmp_path / "out")
+    pipe = transformers.pipeline("text-generation", model=str(tmp_path / "out"), device="cpu")
+    [result] = pipe("def add", max_new_tokens=20, do_sample=False, return_full_text=False)
+    opts = GenerationOptions(max_new_tokens=20, temperature=0, token_healing=False)
+    [ours] = generate_text(model, tok, ["def add"], opts)
+    assert result["generated_text"] == ours and len(ours) >= 10

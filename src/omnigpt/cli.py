@@ -35,6 +35,7 @@ from omnigpt.config import (
     ImageTokensConfig,
     LoRAConfig,
     ModelConfig,
+    ServeConfig,
     TrainConfig,
 )
 from omnigpt.errors import OmnigptError
@@ -288,6 +289,16 @@ def _imagine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
 
 
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        required=True,
+        help="run or checkpoint folder, Hugging Face GPT-2 folder, or Hub name in the local HF cache",
+    )
+    _config_flags(p, ServeConfig)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+
+
 def _media_args(p: argparse.ArgumentParser, kind: str, prompt: str | None) -> None:
     p.add_argument(
         "--model", required=True, help=f"run or checkpoint folder of a model with {kind}"
@@ -446,6 +457,13 @@ SUBCOMMANDS = {
         "draw images from text with a model that writes them",
         "Draw images from a prompt (or none), or complete an image from its top rows; writes "
         "one PNG per sample and a contact sheet of all of them.",
+    ),
+    "serve": (
+        _serve_args,
+        "serve a model over the OpenAI API, with a web chat page",
+        "Serve a model over HTTP: the OpenAI API (/v1/chat/completions, /v1/completions, "
+        "/v1/audio/transcriptions, /v1/images/generations, /v1/models), a chat page at /, "
+        "/health and /metrics. Many requests decode together (continuous batching).",
     ),
     "make-data": (
         _make_data_args,
@@ -781,6 +799,12 @@ def cmd_media(args: argparse.Namespace) -> None:
         print(f"{path}: {answer}" if len(args.files) > 1 else answer, flush=True)
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from omnigpt.server import serve
+
+    serve(args.model, _from_flags(ServeConfig, args), args.device)
+
+
 def cmd_make_data(args: argparse.Namespace) -> None:
     from omnigpt.synthetic import write_datasets
 
@@ -865,6 +889,7 @@ COMMANDS = {
     "transcribe": cmd_media,
     "make-data": cmd_make_data,
     "imagine": cmd_imagine,
+    "serve": cmd_serve,
 }
 
 

@@ -1,5 +1,5 @@
 """Typed configuration: the model's and encoders' shapes, the training run, fine-tuning and LoRA,
-decoding options, named presets, JSON round-trip.
+decoding options, the server's limits, named presets, JSON round-trip.
 
     cfg = ModelConfig.from_preset("gpt2", vocab_size=50257)
     cfg = ModelConfig.from_dict(json.loads(path.read_text()))
@@ -560,6 +560,32 @@ class GenerationOptions:
             raise OmnigptError("num_samples must be at least 1")
         if not 0 <= self.ctc_weight < 1:
             raise OmnigptError("ctc_weight must be in [0, 1)")
+
+
+@dataclass
+class ServeConfig:
+    """How `omnigpt serve` listens and what it accepts (see `server.py`)."""
+
+    host: str = _option("127.0.0.1", "address to listen on (0.0.0.0: every interface)")
+    port: int = _option(8000, "port to listen on")
+    name: str | None = _option(
+        None, "the model's name in the API (default: the model folder's name)"
+    )
+    api_key: str | None = _option(
+        None, "require 'Authorization: Bearer KEY' on every /v1 request", metavar="KEY"
+    )
+    max_running: int = _option(16, "sequences decoded together (the batch); more wait")
+    max_waiting: int = _option(64, "requests that may wait; beyond them the answer is 503")
+    max_body_mb: float = _option(16.0, "largest request body in MB (413 beyond)")
+    max_image_pixels: int = _option(4096 * 4096, "largest image a message may hold, in pixels")
+
+    def __post_init__(self) -> None:
+        if self.max_running < 1:
+            raise OmnigptError("max_running must be at least 1")
+        if self.max_waiting < 0:
+            raise OmnigptError("max_waiting must be 0 or more")
+        if self.max_body_mb <= 0 or self.max_image_pixels <= 0:
+            raise OmnigptError("max_body_mb and max_image_pixels must be positive")
 
 
 def save_json(path: Path, obj: dict[str, Any]) -> None:

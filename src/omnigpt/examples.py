@@ -139,7 +139,7 @@ def record_media(
     audio: AudioConfig | None,
 ) -> tuple[dict[str, list[int]], dict[str, object]]:
     """Loads the files a record names under "image" / "audio" (a path or a list of paths, relative
-    to `base_dir`). Returns the token count of each, per placeholder, and the tensors:
+    to `base_dir`; or the bytes of the files). Returns the token count of each, per placeholder, and the tensors:
     {"images": (N, 3, S, S), "mel": [(n_mels, T), ...]}. Raises OmnigptError naming the file."""
     counts: dict[str, list[int]] = {}
     media: dict[str, object] = {}
@@ -147,7 +147,9 @@ def record_media(
     if images:
         if vision is None:
             raise OmnigptError("the example has an image but the model has no image encoder")
-        media["images"] = torch.stack([load_image(base_dir / p, vision.image_size) for p in images])
+        media["images"] = torch.stack(
+            [load_image(_at(base_dir, p), vision.image_size) for p in images]
+        )
         counts[IMAGE] = [vision.tokens] * len(images)
     clips = _paths(record.get("audio"))
     if clips:
@@ -155,25 +157,29 @@ def record_media(
             raise OmnigptError("the example has audio but the model has no audio encoder")
         mels = []
         for p in clips:
-            mel = log_mel(load_audio(base_dir / p, audio.sample_rate), audio)
+            mel = log_mel(load_audio(_at(base_dir, p), audio.sample_rate), audio)
             if mel.size(-1) > audio.max_frames:
-                raise OmnigptError(
-                    f"{base_dir / p}: longer than the model's {audio.max_seconds:g} s"
-                )
+                where = "audio data" if isinstance(p, bytes) else base_dir / p
+                raise OmnigptError(f"{where}: longer than the model's {audio.max_seconds:g} s")
             mels.append(mel)
         media["mel"] = mels
         counts[AUDIO] = [audio.tokens(m.size(-1)) for m in mels]
     return counts, media
 
 
-def _paths(value) -> list[str]:
+def _paths(value) -> list[str | bytes]:
     if value is None:
         return []
-    if isinstance(value, str):
+    if isinstance(value, str | bytes):
         return [value]
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+    if isinstance(value, list) and all(isinstance(v, str | bytes) for v in value):
         return value
     raise OmnigptError("'image' and 'audio' must be a path or a list of paths")
+
+
+def _at(base_dir: Path, source: str | bytes) -> Path | bytes:
+    """A file path relative to `base_dir`, or the file's bytes as they are."""
+    return source if isinstance(source, bytes) else base_dir / source
 
 
 def collate_media(media: list[dict]) -> dict[str, torch.Tensor]:

@@ -243,7 +243,8 @@ def generate_text(
     on_text: Callable[[int, str], None] | None = None,
 ) -> list[str]:
     """Completions for each prompt (`num_samples` each, prompt-major order), streamed piece by piece
-    to `on_text(sequence_index, text)`; stop strings end a completion and are cut from it."""
+    to `on_text(sequence_index, text)`; stop strings end a completion and are cut from it (text
+    that could still be the start of one is held back until it cannot)."""
     ids = [tokenizer.encode(p) for p in prompts for _ in range(opts.num_samples)]
     if any(len(i) == 0 for i in ids):
         raise OmnigptError("empty prompt: give at least one character")
@@ -256,30 +257,15 @@ def generate_text(
             if allowed is not None:
                 repeated[row] = len(tokenizer.token_texts()[prompt_ids[-1]])
                 ids[row], first_allowed[row] = healed, allowed
-    streams: list[StreamDecoder] = [tokenizer.stream() for _ in ids]
+    streams = [StopText(tokenizer, opts.stop_strings, skip=n) for n in repeated]
     texts = [""] * len(ids)
     finished = [False] * len(ids)  # by end-of-text or a stop string
-    stopped_by_string = [False] * len(ids)
     eot = tokenizer.eot_id
 
-    def emit(row: int, piece: str) -> bool:
-        """Adds a piece of text to sequence `row`; True when it completes a stop string."""
-        if repeated[row]:  # drop the prompt text that the healed first token brings back
-            cut = min(repeated[row], len(piece))
-            piece, repeated[row] = piece[cut:], repeated[row] - cut
-        if not piece:
-            return False
-        before = len(texts[row])
+    def emit(row: int, piece: str) -> None:
         texts[row] += piece
-        cut = _first_stop(
-            texts[row], opts.stop_strings, max(0, before - _longest(opts.stop_strings))
-        )
-        if cut is not None:
-            piece = texts[row][before:cut] if cut > before else ""
-            texts[row] = texts[row][:cut]
         if piece and on_text is not None:
             on_text(row, piece)
-        return cut is not None
 
     def on_step(new_ids: list[int]) -> list[bool]:
         stop = [False] * len(new_ids)
@@ -287,18 +273,69 @@ def generate_text(
             if finished[row] or (opts.stop_at_eot and token == eot):
                 finished[row] = True
                 continue
-            stop[row] = finished[row] = stopped_by_string[row] = emit(row, streams[row].push(token))
+            emit(row, streams[row].push(token))
+            stop[row] = finished[row] = streams[row].stopped
         return stop
 
     generate_tokens(model, ids, opts, eot, tokenizer.vocab_size, on_step, first_allowed)
-    for row, stream in enumerate(streams):  # bytes of an unfinished character at the very end
-        if not stopped_by_string[row]:
-            emit(row, stream.flush())
+    for row, stream in enumerate(streams):  # what was held back at the very end
+        emit(row, stream.flush())
     return texts
 
 
-def _longest(strings: Sequence[str]) -> int:
-    return max((len(s) for s in strings), default=0)
+class StopText:
+    """The text of a stream of tokens as it may be shown: whole UTF-8 characters only, cut before the
+    first stop string, and holding back an end that could still be the start of one.
+
+        text = StopText(tokenizer, ["\\n\\n"])
+        shown = text.push(token_id)      # "" while held back; `text.stopped` once a stop string came
+        shown = text.flush()             # the rest, when the stream ends for another reason
+
+    `skip` characters at the very start are dropped (the prompt text a healed first token repeats).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop_strings: Sequence[str] = (), skip: int = 0):
+        self.decoder: StreamDecoder = tokenizer.stream()
+        self.stops = [s for s in stop_strings if s]
+        self.skip = skip
+        self.held = ""
+        self.stopped = False
+
+    def push(self, token_id: int) -> str:
+        """The text that this token makes safe to show (maybe "")."""
+        if self.stopped:
+            return ""
+        return self._release(self.decoder.push(token_id), final=False)
+
+    def flush(self) -> str:
+        """All that is still held back (an unfinished character decodes as U+FFFD)."""
+        if self.stopped:
+            return ""
+        return self._release(self.decoder.flush(), final=True)
+
+    def _release(self, piece: str, final: bool) -> str:
+        if self.skip:
+            cut = min(self.skip, len(piece))
+            piece, self.skip = piece[cut:], self.skip - cut
+        text = self.held + piece
+        cut = _first_stop(text, self.stops, 0)
+        if cut is not None:
+            self.stopped, self.held = True, ""
+            return text[:cut]
+        keep = 0 if final else _stop_start(text, self.stops)
+        self.held = text[len(text) - keep :]
+        return text[: len(text) - keep]
+
+
+def _stop_start(text: str, stop_strings: Sequence[str]) -> int:
+    """The length of the longest end of `text` that begins some stop string (0 if none)."""
+    longest = 0
+    for s in stop_strings:
+        for n in range(min(len(s) - 1, len(text)), longest, -1):
+            if text.endswith(s[:n]):
+                longest = n
+                break
+    return longest
 
 
 def _first_stop(text: str, stop_strings: Sequence[str], start: int) -> int | None:

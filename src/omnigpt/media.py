@@ -11,6 +11,7 @@ log10, a floor 8 (80 dB) below the clip's peak, then (x + 4) / 4 so values sit a
 from __future__ import annotations
 
 import functools
+import io
 import math
 from pathlib import Path
 
@@ -20,6 +21,18 @@ import torch.nn.functional as F
 
 from omnigpt.config import AudioConfig
 from omnigpt.errors import OmnigptError
+
+
+class _Named(io.BytesIO):
+    """The bytes of a file, read as one, named in error messages by what they are."""
+
+    def __init__(self, data: bytes, name: str):
+        super().__init__(data)
+        self.label = name
+
+    def __str__(self) -> str:
+        return self.label
+
 
 # -- images ---------------------------------------------------------------------------------------
 
@@ -33,10 +46,13 @@ def image_tensor(image, size: int) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
-def load_image(path: str | Path, size: int) -> torch.Tensor:
-    """Any format Pillow reads (PNG, JPEG, GIF, BMP, WebP, ...), any size, as (3, size, size)."""
+def load_image(path: str | Path | bytes, size: int) -> torch.Tensor:
+    """Any format Pillow reads (PNG, JPEG, GIF, BMP, WebP, ...), any size, as (3, size, size); from a
+    file, or from the bytes of one."""
     from PIL import Image, UnidentifiedImageError
 
+    if isinstance(path, bytes):
+        path = _Named(path, "image data")
     try:
         with Image.open(path) as image:
             return image_tensor(image, size)
@@ -49,14 +65,18 @@ def load_image(path: str | Path, size: int) -> torch.Tensor:
 # -- audio ----------------------------------------------------------------------------------------
 
 
-def load_audio(path: str | Path, sample_rate: int) -> torch.Tensor:
-    """Mono samples (N,) in [-1, 1] at `sample_rate`, from any file soundfile reads (WAV, FLAC, OGG)."""
+def load_audio(path: str | Path | bytes, sample_rate: int) -> torch.Tensor:
+    """Mono samples (N,) in [-1, 1] at `sample_rate`, from any file soundfile reads (WAV, FLAC, OGG,
+    MP3), or from the bytes of one."""
     import soundfile
 
-    if not Path(path).is_file():
+    if isinstance(path, bytes):
+        path = _Named(path, "audio data")
+    elif not Path(path).is_file():
         raise OmnigptError(f"{path}: audio file not found")
     try:
-        data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)  # (N, channels)
+        source = path if isinstance(path, _Named) else str(path)
+        data, rate = soundfile.read(source, dtype="float32", always_2d=True)  # (N, channels)
     except (soundfile.LibsndfileError, RuntimeError, OSError) as e:
         raise OmnigptError(f"{path}: cannot read audio ({e})") from None
     if data.shape[0] == 0:

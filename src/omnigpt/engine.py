@@ -1,0 +1,427 @@
+"""Continuous batching: one engine thread owns the model and decodes every running request together.
+
+    engine = Engine(model, tokenizer, max_running=16, max_waiting=64)
+    ticket = engine.submit(Request(prompt=ids, opts=GenerationOptions(temperature=0)), on_event)
+    # on_event(Piece | Finished | Failed) is called from the engine thread as the answer grows
+    ticket.cancel()                        # its sequences leave the batch at the next step
+    engine.close()
+
+The KV cache holds `max_running` slots of the model's whole context, each sequence at its own length.
+Running sequences sit in slots 0..n-1: a step feeds one token to each, at its own position, attending
+to its own keys only (a mask per row), so what a sequence generates does not depend on what else is in
+the batch. Between steps, waiting requests are prefilled into free slots and join the next step (a
+request for n answers is prefilled once and its cache copied); a finished or cancelled sequence
+leaves, and the last running sequence moves into its slot, so the batch stays one dense block.
+A `Job` (drawing images, say) runs whole between two steps.
+
+Sampling is `generate.sample_next`, per sequence with its own options and its own seeded generator;
+text is cut at stop strings by `generate.StopText`.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from omnigpt.config import GenerationOptions
+from omnigpt.errors import OmnigptError
+from omnigpt.generate import StopText, apply_repetition_penalty, sample_next
+from omnigpt.model.attention import KVCache
+from omnigpt.tokenizer import Tokenizer
+
+# -- what goes in ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Request:
+    """A prompt to continue `n` times. `inputs` are extra model inputs for the prompt (a multimodal
+    model's images and audio); `stop_ids` end an answer (not part of it); `logprobs`, when not None,
+    asks for each token's log-probability and that many alternatives."""
+
+    prompt: list[int]
+    opts: GenerationOptions
+    stop_ids: frozenset[int] = frozenset()
+    n: int = 1
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    logprobs: int | None = None
+
+
+@dataclass
+class Job:
+    """Work that runs whole in the engine thread between two steps: `run(model)`'s result is sent
+    as `Done`."""
+
+    run: Callable[[Any], Any]
+
+
+# -- what comes out -------------------------------------------------------------------------------
+
+
+@dataclass
+class TokenLogprob:
+    id: int
+    logprob: float
+    top: list[tuple[int, float]]  # the most likely alternatives, best first
+
+
+@dataclass
+class Piece:
+    """More text of answer `index`, and the tokens it came from (a token whose text is held back is
+    sent with the next piece); `logprobs` when the request asked for them."""
+
+    index: int
+    text: str
+    tokens: list[int]
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass
+class Finished:
+    """Answer `index` is complete: `reason` is "stop" (an end token or stop string) or "length"
+    (its token limit or the model's context)."""
+
+    index: int
+    reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class Failed:
+    """The request cannot be served: `status` 400 when it asked for what the model cannot do (the
+    message says what), 500 when the engine failed, 503 when the server shut down."""
+
+    message: str
+    status: int = 500
+
+
+@dataclass
+class Done:
+    result: Any
+
+
+Event = Piece | Finished | Failed | Done
+
+
+class Busy(OmnigptError):
+    """The queue is full: try again later."""
+
+
+class Ticket:
+    """A submitted request: `cancel()` drops it (waiting, or at the next step when running)."""
+
+    def __init__(self, work: Request | Job, on_event: Callable[[Event], None]):
+        self.work, self.on_event = work, on_event
+        self.submitted = time.perf_counter()
+        self.first_token: float | None = None  # seconds from submission to the first piece
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+# -- the engine -----------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Sequence:
+    ticket: Ticket
+    index: int
+    slot: int  # its rows in the KV cache
+    length: int  # tokens in its cache
+    last: int  # the token to feed at position `length`
+    text: StopText
+    generator: torch.Generator | None
+    seen: torch.Tensor | None  # (V,) tokens so far, for the repetition penalty
+    made: int = 0  # tokens generated
+    held: list[int] = field(default_factory=list)  # tokens whose text is not sent yet
+    held_logprobs: list[TokenLogprob] = field(default_factory=list)
+
+    @property
+    def request(self) -> Request:
+        return self.ticket.work
+
+
+class Engine:
+    """Serves `Request`s and `Job`s from one thread (see the module's docstring)."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer: Tokenizer,
+        max_running: int = 16,
+        max_waiting: int = 64,
+        on_tokens: Callable[[int], None] | None = None,
+    ):
+        if max_running < 1 or max_waiting < 0:
+            raise OmnigptError("an engine needs at least 1 running slot and 0 or more waiting")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_running, self.max_waiting = max_running, max_waiting
+        self.block_size = model.config.block_size
+        self.vocab = tokenizer.vocab_size
+        self.device = model.wte.weight.device
+        self.caches = model.make_caches(max_running, self.block_size)
+        self.on_tokens = on_tokens  # told how many tokens each step made (for metrics)
+        self._waiting: collections.deque[Ticket] = collections.deque()
+        self._running: list[_Sequence] = []
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="omnigpt-engine", daemon=True)
+        self._thread.start()
+
+    # -- the outside: any thread --------------------------------------------------------------
+
+    def submit(self, work: Request | Job, on_event: Callable[[Event], None]) -> Ticket:
+        """Queues work; raises Busy when `max_waiting` requests already wait."""
+        if isinstance(work, Request):
+            self._check(work)
+        ticket = Ticket(work, on_event)
+        with self._cond:
+            if self._closed:
+                raise OmnigptError("the engine is shut down")
+            if len(self._waiting) >= self.max_waiting:
+                raise Busy(f"{len(self._waiting)} requests are already waiting")
+            self._waiting.append(ticket)
+            self._cond.notify()
+        return ticket
+
+    def _check(self, request: Request) -> None:
+        if not request.prompt:
+            raise OmnigptError("the prompt is empty")
+        if len(request.prompt) >= self.block_size:
+            raise OmnigptError(
+                f"the prompt is {len(request.prompt)} tokens; the model's context is "
+                f"{self.block_size}, so at most {self.block_size - 1} leave room for an answer"
+            )
+        if not 1 <= request.n <= self.max_running:
+            raise OmnigptError(
+                f"n must be from 1 to {self.max_running} (the answers decode side by side)"
+            )
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        """Requests with at least one sequence in the decode batch."""
+        return len({id(s.ticket) for s in list(self._running)})
+
+    def close(self) -> None:
+        """Stops the thread; whatever waits or runs is told it failed."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join()
+
+    # -- the engine thread --------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and not self._waiting and not self._running:
+                    self._cond.wait()
+                if self._closed:
+                    break
+                admitted = self._admit()
+            try:
+                for ticket in admitted:
+                    self._start(ticket)
+                self._running = [s for s in self._running if not s.ticket.cancelled]
+                self._compact()
+                if self._running:
+                    self._step()
+            except Exception as e:  # a bug or an out-of-memory: fail what runs, keep serving
+                traceback.print_exc()
+                for ticket in {id(s.ticket): s.ticket for s in self._running}.values():
+                    ticket.on_event(Failed(f"the engine failed: {e}"))
+                self._running = []
+        for ticket in [*self._waiting, *{id(s.ticket): s.ticket for s in self._running}.values()]:
+            ticket.on_event(Failed("the server is shutting down", 503))
+
+    def _admit(self) -> list[Ticket]:
+        """Waiting tickets that start now, in order: jobs, and requests while their answers fit in
+        the free slots (the first that does not fit waits, so no request is passed over)."""
+        admitted, free = [], self.max_running - len(self._running)
+        while self._waiting:
+            ticket = self._waiting[0]
+            if ticket.cancelled:
+                self._waiting.popleft()
+                continue
+            if isinstance(ticket.work, Request):
+                if ticket.work.n > free:
+                    break
+                free -= ticket.work.n
+            admitted.append(self._waiting.popleft())
+        return admitted
+
+    @torch.inference_mode()
+    def _start(self, ticket: Ticket) -> None:
+        """A job runs now; a request is prefilled into free slots and samples its first tokens."""
+        if isinstance(ticket.work, Job):
+            try:
+                result = ticket.work.run(self.model)
+            except OmnigptError as e:
+                ticket.on_event(Failed(str(e), 400))
+            else:
+                ticket.on_event(Done(result))
+            return
+        request = ticket.work
+        slot = len(self._running)  # the running sequences fill slots 0..slot-1
+        views = [_slot_view(c, slot) for c in self.caches]
+        tokens = torch.tensor([request.prompt], device=self.device)
+        inputs = {k: v.to(self.device) for k, v in request.inputs.items()}
+        try:
+            logits, _ = self.model(tokens, caches=views, last_only=True, **inputs)
+        except OmnigptError as e:
+            ticket.on_event(Failed(str(e), 400))
+            return
+        T = len(request.prompt)
+        for index in range(request.n):
+            if index:  # the other answers start from a copy of the prompt's cache
+                for c in self.caches:
+                    c.k[slot + index, :, :T] = c.k[slot, :, :T]
+                    c.v[slot + index, :, :T] = c.v[slot, :, :T]
+            opts = request.opts
+            seed = None if opts.seed is None else opts.seed + index
+            generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
+            seen = None
+            if opts.repetition_penalty != 1.0:
+                seen = torch.zeros(self.vocab, dtype=torch.bool, device=self.device)
+                seen[torch.tensor(request.prompt, device=self.device).clamp(max=self.vocab - 1)] = (
+                    True
+                )
+            text = StopText(self.tokenizer, opts.stop_strings)
+            seq = _Sequence(ticket, index, slot + index, T, -1, text, generator, seen)
+            self._running.append(seq)
+            self._advance([seq], logits[:, -1, : self.vocab].float())
+        self._compact()
+
+    @torch.inference_mode()
+    def _step(self) -> None:
+        """One token for every running sequence, each at its own position."""
+        running = self._running
+        ids = torch.tensor([[s.last] for s in running], device=self.device)  # (n, 1)
+        lengths = torch.tensor([s.length for s in running], device=self.device)  # (n,)
+        end = max(s.length for s in running) + 1
+        mask = torch.arange(end, device=self.device)[None] <= lengths[:, None]  # (n, end)
+        caches = [_RowCache(c, lengths, end) for c in self.caches]
+        logits, _ = self.model(
+            ids, positions=lengths[:, None], attn_mask=mask[:, None, None], caches=caches
+        )
+        for s in running:
+            s.length += 1
+        self._advance(running, logits[:, -1, : self.vocab].float())
+
+    def _advance(self, sequences: list[_Sequence], logits: torch.Tensor) -> None:
+        """Samples each sequence's next token from its row of `logits` (n, V) and sends what it adds."""
+        chosen = self._sample(sequences, logits)
+        want = [s.request.logprobs is not None for s in sequences]
+        log_probs = logits.log_softmax(-1) if any(want) else None
+        finished, made = [], 0
+        for row, (s, token) in enumerate(zip(sequences, chosen, strict=True)):
+            if s.ticket.first_token is None:
+                s.ticket.first_token = time.perf_counter() - s.ticket.submitted
+            request, opts = s.request, s.request.opts
+            if opts.stop_at_eot and token in request.stop_ids:
+                self._finish(s, "stop", s.text.flush())
+                finished.append(s)
+                continue
+            s.made += 1
+            made += 1
+            s.last = token
+            if s.seen is not None:
+                s.seen[token] = True
+            s.held.append(token)
+            if log_probs is not None and want[row]:
+                s.held_logprobs.append(_logprob(log_probs[row], token, request.logprobs))
+            text = s.text.push(token)
+            if s.text.stopped:
+                self._finish(s, "stop", text)
+                finished.append(s)
+            elif s.made >= opts.max_new_tokens or s.length + 1 >= self.block_size:
+                self._finish(s, "length", text + s.text.flush())
+                finished.append(s)
+            elif text:
+                self._send(s, text)
+        if made and self.on_tokens is not None:
+            self.on_tokens(made)
+        if finished:
+            gone = {id(s) for s in finished}
+            self._running = [s for s in self._running if id(s) not in gone]
+            self._compact()
+
+    def _sample(self, sequences: list[_Sequence], logits: torch.Tensor) -> list[int]:
+        """Greedy rows by one argmax; each sampled row with its own options and generator."""
+        out = logits.argmax(-1).tolist()
+        for row, s in enumerate(sequences):
+            opts = s.request.opts
+            if opts.temperature == 0 and s.seen is None:
+                continue
+            scores = logits[row : row + 1]
+            if s.seen is not None:
+                scores = apply_repetition_penalty(scores, s.seen[None], opts.repetition_penalty)
+            out[row] = int(sample_next(scores, opts, s.generator)[0])
+        return out
+
+    def _send(self, s: _Sequence, text: str) -> None:
+        logprobs = s.held_logprobs if s.request.logprobs is not None else None
+        s.ticket.on_event(Piece(s.index, text, s.held, logprobs))
+        s.held, s.held_logprobs = [], []
+
+    def _finish(self, s: _Sequence, reason: str, text: str) -> None:
+        if text or s.held:
+            self._send(s, text)
+        s.ticket.on_event(Finished(s.index, reason, len(s.request.prompt), s.made))
+
+    def _compact(self) -> None:
+        """Moves the running sequences into slots 0..n-1 (a sequence beyond them has its cache copied
+        into a free one), so that row i of a step is slot i."""
+        n = len(self._running)
+        free = sorted(set(range(n)) - {s.slot for s in self._running})
+        for s in self._running:
+            if s.slot >= n:
+                dst = free.pop(0)
+                for c in self.caches:
+                    c.k[dst, :, : s.length] = c.k[s.slot, :, : s.length]
+                    c.v[dst, :, : s.length] = c.v[s.slot, :, : s.length]
+                s.slot = dst
+        self._running.sort(key=lambda s: s.slot)
+
+
+def _slot_view(cache: KVCache, slot: int) -> KVCache:
+    """One slot of a layer's cache as a KVCache of batch 1: what a prefill writes lands in the slot."""
+    view = KVCache.__new__(KVCache)
+    view.k, view.v = cache.k[slot : slot + 1], cache.v[slot : slot + 1]
+    return view
+
+
+class _RowCache:
+    """A layer's cache for one decode step: the token of row i is written at position lengths[i],
+    and the first `end` positions of the running rows are attended to (a mask hides the rest)."""
+
+    def __init__(self, cache: KVCache, lengths: torch.Tensor, end: int):
+        self.cache, self.lengths, self.end = cache, lengths, end
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, start: int):
+        n = k.size(0)
+        rows = torch.arange(n, device=k.device)
+        self.cache.k[rows, :, self.lengths] = k[:, :, 0]
+        self.cache.v[rows, :, self.lengths] = v[:, :, 0]
+        return self.cache.k[:n, :, : self.end], self.cache.v[:n, :, : self.end]
+
+
+def _logprob(log_probs: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """The chosen token's log-probability (V,) and the `top` most likely tokens'."""
+    best = torch.topk(log_probs, top) if top else None
+    alternatives = (
+        list(zip(best.indices.tolist(), best.values.tolist(), strict=True)) if best else []
+    )
+    return TokenLogprob(token, float(log_probs[token]), alternatives)
