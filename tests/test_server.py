@@ -461,3 +461,43 @@ def test_images_generations_draws_the_models_images(code_model):
         e = status_of(lambda: client.images.generate(model="tiny", prompt="a red circle"))
         assert e.status_code == 400 and "does not draw" in e.body["message"]
     assert json.dumps(result.model_dump())  # the whole response is JSON
+
+
+def test_the_serve_command_answers_and_stops_on_sigterm(tmp_path, code_model):
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from omnigpt.checkpoint import save_checkpoint
+
+    save_checkpoint(tmp_path / "coder", *code_model)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "omnigpt", "serve", "--model", str(tmp_path / "coder"),
+               "--port", str(port), "--device", "cpu"]  # fmt: skip
+    server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        [card] = client.models.list().data
+        assert card.id == "coder"
+        reply = client.completions.create(model="coder", prompt="def ", max_tokens=8, temperature=0)
+        model, tok = code_model
+        expected = alone(model, tok, tok.encode("def "), 8, stops=[tok.eot_id])
+        assert reply.choices[0].text == tok.decode(expected)
+        busy = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        assert busy.returncode == 2 and f"could not serve on 127.0.0.1:{port}" in busy.stderr
+    finally:
+        server.send_signal(signal.SIGTERM)
+        _, log = server.communicate(timeout=30)
+    assert server.returncode == 0, log
+    assert '"POST /v1/completions" 200' in log  # the access log

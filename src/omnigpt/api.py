@@ -6,8 +6,8 @@
 
 What is supported, refused and ignored (README, "Serving"):
 - sampling: temperature, top_p, max_tokens / max_completion_tokens, stop (up to 4), n, seed,
-  logprobs (+ top_logprobs), stream, stream_options.include_usage; as extensions, top_k and
-  repetition_penalty.
+  logprobs (+ top_logprobs), stream, stream_options.include_usage; as extensions, top_k,
+  repetition_penalty and ignore_eos.
 - refused with 400 when set to anything but their neutral value: presence_penalty,
   frequency_penalty, logit_bias, tools, tool_choice, response_format other than text, echo, suffix,
   best_of; any field the API does not have.
@@ -83,6 +83,7 @@ class _Sampling(_Body):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)  # extension (vLLM's): -1 or None is off
     repetition_penalty: float = Field(1.0, gt=0)  # extension
+    ignore_eos: bool = False  # extension (vLLM's): generate past the end token, to max_tokens
     n: int = Field(1, ge=1, le=128)
     stop: str | list[str] | None = None
     seed: int | None = None
@@ -228,6 +229,7 @@ def sampling_options(body: _Sampling, prompt_len: int, block_size: int, limit: i
         repetition_penalty=body.repetition_penalty,
         stop_strings=body.stops(),
         seed=body.seed,
+        stop_at_eot=not body.ignore_eos,
         token_healing=False,
     )
 

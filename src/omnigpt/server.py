@@ -97,7 +97,7 @@ class Service:
         self.metrics = Metrics(self)
         self.limits = Limits(config.max_image_pixels, config.max_running)
 
-    def load(self, path: str, device: str = "auto") -> None:
+    def load(self, path: str, device: str = "auto", start_engine: bool = True) -> None:
         """Loads a model as `generate` and `chat` do; `/health` turns 200 when done."""
         from omnigpt.hardware import pick_device
         from omnigpt.imagine import learned_unconditional
@@ -108,13 +108,22 @@ class Service:
             guidance = 1.0
             if tokenizer.images is not None and learned_unconditional(path):
                 guidance = 3.0
-            self.attach(model, tokenizer, self.config.name or Path(path).resolve().name, guidance)
+            name = self.config.name or Path(path).resolve().name
+            self.attach(model, tokenizer, name, guidance, start_engine)
         except Exception as e:  # shown by /health and the log; the server keeps answering
             self.state, self.error = "failed", str(e)
             log.error("cannot load %s: %s", path, e)
 
-    def attach(self, model, tokenizer: Tokenizer, name: str, guidance: float = 1.0) -> None:
-        """Serves a loaded model under `name` (guidance: the default for drawing)."""
+    def attach(
+        self,
+        model,
+        tokenizer: Tokenizer,
+        name: str,
+        guidance: float = 1.0,
+        start_engine: bool = True,
+    ) -> None:
+        """Serves a loaded model under `name` (guidance: the default for drawing). Without
+        `start_engine`, the caller runs `self.engine.run()` in a thread of its choosing."""
         tokenizer.token_texts()  # computed once now, not inside a request
         self.model, self.tokenizer, self.name, self.guidance = (
             model.eval(),
@@ -128,6 +137,7 @@ class Service:
             self.config.max_running,
             self.config.max_waiting,
             on_tokens=self.metrics.generated.inc,
+            start=start_engine,
         )
         self.logprobs = api.LogprobWriter(tokenizer)
         self.state = "ready"
@@ -643,17 +653,44 @@ def _replay(body: bytes, receive):
 
 
 def serve(model: str, config: ServeConfig, device: str = "auto") -> None:
-    """Serves `model` until Ctrl-C: the port opens at once, /health turns 200 once it is loaded."""
+    """Serves `model` until Ctrl-C or SIGTERM: the port opens at once (uvicorn in a thread), the
+    model loads and the engine runs on this, the main thread; /health turns 200 once it is loaded."""
+    import signal
+
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     service = Service(config)
-    threading.Thread(target=service.load, args=(model, device), daemon=True).start()
-    uvicorn.run(
-        create_app(service),
-        host=config.host,
-        port=config.port,
-        access_log=False,  # Gate writes one line per request
-        log_level="info",
-        timeout_graceful_shutdown=5,
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(service),
+            host=config.host,
+            port=config.port,
+            access_log=False,  # Gate writes one line per request
+            log_level="info",
+            timeout_graceful_shutdown=5,
+        )
     )
+    web = threading.Thread(target=server.run, name="omnigpt-http", daemon=True)
+    web.start()
+    while not server.started and web.is_alive():
+        time.sleep(0.05)
+    if not server.started:
+        raise OmnigptError(f"could not serve on {config.host}:{config.port} (see the log above)")
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        service.load(model, device, start_engine=False)
+        if service.engine is not None:
+            service.engine.run()
+        else:  # a model that failed to load: /health says why until the server is stopped
+            web.join()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.should_exit = True
+        service.close()
+        web.join(10)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
