@@ -501,3 +501,43 @@ def test_the_serve_command_answers_and_stops_on_sigterm(tmp_path, code_model):
         _, log = server.communicate(timeout=30)
     assert server.returncode == 0, log
     assert '"POST /v1/completions" 200' in log  # the access log
+
+
+def test_an_error_mid_stream_is_sent_as_an_error_event(code_model):
+    gpt, tok = code_model
+    service = Service(ServeConfig())
+    service.attach(gpt, tok, "tiny")
+    step, steps = service.engine._step, [0]
+
+    def failing_step():  # the engine fails after a few tokens (a bug, or memory running out)
+        steps[0] += 1
+        if steps[0] > 3:
+            raise RuntimeError("boom")
+        step()
+
+    service.engine._step = failing_step
+    with running_server(service) as url:
+        body = {"model": "tiny", "prompt": "def ", "max_tokens": 30, "stream": True}
+        events = [
+            line
+            for line in httpx.post(url + "/v1/completions", json=body).text.split("\n\n")
+            if line
+        ]
+        assert events[-1] == "data: [DONE]"
+        error = json.loads(events[-2].removeprefix("data: "))["error"]
+        assert error == {
+            "message": "the engine failed: boom",
+            "type": "server_error",
+            "param": None,
+            "code": None,
+        }
+        assert len(events) >= 4  # tokens came before it
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        steps[0] = 0
+        with pytest.raises(openai.APIError, match="the engine failed: boom"):
+            for _ in client.completions.create(
+                model="tiny", prompt="def ", max_tokens=30, stream=True
+            ):
+                pass
+        steps[0] = -100  # the engine serves on after a failure
+        assert client.completions.create(model="tiny", prompt="a", max_tokens=3).choices[0].text

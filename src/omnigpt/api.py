@@ -383,6 +383,17 @@ class Meta:
     def new(cls, prefix: str, model: str) -> Meta:
         return cls(f"{prefix}-{uuid.uuid4().hex}", model, int(time.time()))
 
+    def envelope(self, kind: str, choices: list[dict]) -> dict:
+        """The fields every response and chunk of the request carries, around its choices."""
+        return {
+            "id": self.id,
+            "object": kind,
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": None,
+            "choices": choices,
+        }
+
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {
@@ -393,14 +404,7 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 def chat_chunk(meta: Meta, choices: list[dict], usage_: dict | None = None, with_usage=False):
-    chunk = {
-        "id": meta.id,
-        "object": "chat.completion.chunk",
-        "created": meta.created,
-        "model": meta.model,
-        "system_fingerprint": None,
-        "choices": choices,
-    }
+    chunk = meta.envelope("chat.completion.chunk", choices)
     if with_usage:
         chunk["usage"] = usage_
     return chunk
@@ -411,15 +415,7 @@ def chat_delta(index: int, delta: dict, logprobs=None, finish_reason=None) -> di
 
 
 def chat_response(meta: Meta, choices: list[dict], usage_: dict) -> dict:
-    return {
-        "id": meta.id,
-        "object": "chat.completion",
-        "created": meta.created,
-        "model": meta.model,
-        "system_fingerprint": None,
-        "choices": choices,
-        "usage": usage_,
-    }
+    return {**meta.envelope("chat.completion", choices), "usage": usage_}
 
 
 def chat_choice(index: int, text: str, reason: str, logprobs=None) -> dict:
@@ -428,14 +424,7 @@ def chat_choice(index: int, text: str, reason: str, logprobs=None) -> dict:
 
 
 def completion_object(meta: Meta, choices: list[dict], usage_: dict | None = None, chunk=False):
-    out = {
-        "id": meta.id,
-        "object": "text_completion",
-        "created": meta.created,
-        "model": meta.model,
-        "system_fingerprint": None,
-        "choices": choices,
-    }
+    out = meta.envelope("text_completion", choices)
     if usage_ is not None or not chunk:
         out["usage"] = usage_
     return out

@@ -22,9 +22,9 @@ text is cut at stop strings by `generate.StopText`.
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +37,8 @@ from omnigpt.errors import OmnigptError
 from omnigpt.generate import StopText, _prefill, apply_repetition_penalty, left_pad, sample_next
 from omnigpt.model.attention import KVCache
 from omnigpt.tokenizer import Tokenizer
+
+log = logging.getLogger("omnigpt.engine")
 
 PREFILL_TOKENS = 4096  # the most prompt tokens (padding included) one prefill pass takes
 
@@ -264,7 +266,7 @@ class Engine:
                 if self._running:
                     self._step()
             except Exception as e:  # a bug or an out-of-memory: fail what runs, keep serving
-                traceback.print_exc()
+                log.exception("the engine failed; the requests it was running are told so")
                 for ticket in {id(s.ticket): s.ticket for s in self._running}.values():
                     ticket.on_event(Failed(f"the engine failed: {e}"))
                 self._running = []

@@ -281,14 +281,12 @@ def create_app(service: Service) -> FastAPI:
         work = await asyncio.to_thread(
             api.chat_work, body, service.model, service.tokenizer, service.limits
         )
-        relay = Relay()
-        ticket = service.submit(work, relay.to(0))
+        relay, tickets = _submit(service, [work])
         meta = Meta.new("chatcmpl", service.name)
         if body.stream:
-            usage = body.stream_options is not None and body.stream_options.include_usage
-            stream = _chat_stream(service, meta, [ticket], relay, body.n, usage)
+            stream = _chat_stream(service, meta, tickets, relay, body.n, _with_usage(body))
             return _event_stream(stream)
-        texts, reasons, logprobs, counts = await _collect(service, [ticket], relay, request)
+        texts, reasons, logprobs, counts = await _collect(service, tickets, relay, request)
         choices = [
             api.chat_choice(
                 i,
@@ -306,19 +304,11 @@ def create_app(service: Service) -> FastAPI:
         works = await asyncio.to_thread(
             api.completion_work, body, service.model, service.tokenizer, service.limits
         )
-        relay = Relay()
-        tickets = []
-        try:
-            for tag, work in enumerate(works):
-                tickets.append(service.submit(work, relay.to(tag)))
-        except ApiError:
-            for t in tickets:
-                t.cancel()
-            raise
+        relay, tickets = _submit(service, works)
         meta = Meta.new("cmpl", service.name)
         if body.stream:
-            usage = body.stream_options is not None and body.stream_options.include_usage
-            return _event_stream(_completion_stream(service, meta, tickets, relay, body.n, usage))
+            stream = _completion_stream(service, meta, tickets, relay, body.n, _with_usage(body))
+            return _event_stream(stream)
         texts, reasons, logprobs, counts = await _collect(service, tickets, relay, request)
         choices = []
         for i, text in enumerate(texts):
@@ -356,9 +346,8 @@ def create_app(service: Service) -> FastAPI:
                 max_new_tokens=work.opts.max_new_tokens, temperature=temperature,
                 token_healing=False,
             )  # fmt: skip
-        relay = Relay()
-        ticket = service.submit(work, relay.to(0))
-        texts, _, _, counts = await _collect(service, [ticket], relay, request)
+        relay, tickets = _submit(service, [work])
+        texts, _, _, counts = await _collect(service, tickets, relay, request)
         text = texts[0].strip()
         if response_format == "text":
             return Response(text, media_type="text/plain")
@@ -405,6 +394,23 @@ def create_app(service: Service) -> FastAPI:
     return app
 
 
+def _submit(service: Service, works: list[Request]) -> tuple[Relay, list[Ticket]]:
+    """Submits a request's engine work, its events tagged by position; all or none."""
+    relay, tickets = Relay(), []
+    try:
+        for tag, work in enumerate(works):
+            tickets.append(service.submit(work, relay.to(tag)))
+    except ApiError:
+        for t in tickets:
+            t.cancel()
+        raise
+    return relay, tickets
+
+
+def _with_usage(body) -> bool:
+    return body.stream_options is not None and body.stream_options.include_usage
+
+
 def _model_card(service: Service) -> dict:
     return {
         "id": service.name,
@@ -433,21 +439,30 @@ def _first_token(service: Service, ticket: Ticket, seen: set) -> None:
         service.metrics.ttft.observe(ticket.first_token)
 
 
+async def _events(service: Service, tickets: list[Ticket], relay: Relay):
+    """(ticket number, event) as the engine sends them, until every answer of `tickets` finished
+    or one failed (that Failed is the last). The time to each ticket's first token is recorded."""
+    left, seen = sum(t.work.n for t in tickets), set()
+    while left:
+        tag, event = await relay.get()
+        _first_token(service, tickets[tag], seen)
+        yield tag, event
+        if isinstance(event, Failed):
+            return
+        left -= isinstance(event, Finished)
+
+
 async def _collect(service: Service, tickets: list[Ticket], relay: Relay, request: HttpRequest):
     """A whole answer: texts, finish reasons and logprobs per choice (choices of ticket k follow
     those of ticket k-1), and [prompt tokens, completion tokens of each choice]. A client that
     leaves has its tickets cancelled."""
     n = [t.work.n for t in tickets]
     base = [sum(n[:k]) for k in range(len(n))]
-    texts, reasons = [""] * sum(n), [""] * sum(n)
+    texts, reasons, made = [""] * sum(n), [""] * sum(n), [0] * sum(n)
     logprobs: list[list] = [[] for _ in range(sum(n))]
-    made = [0] * sum(n)
-    left, seen = sum(n), set()
     watcher = asyncio.create_task(_watch_disconnect(request, tickets))
     try:
-        while left:
-            tag, event = await relay.get()
-            _first_token(service, tickets[tag], seen)
+        async for tag, event in _events(service, tickets, relay):
             if isinstance(event, Failed):
                 raise ApiError(event.status, event.message)
             i = base[tag] + event.index
@@ -455,7 +470,7 @@ async def _collect(service: Service, tickets: list[Ticket], relay: Relay, reques
                 texts[i] += event.text
                 logprobs[i] += event.logprobs or []
             elif isinstance(event, Finished):
-                reasons[i], made[i], left = event.reason, event.completion_tokens, left - 1
+                reasons[i], made[i] = event.reason, event.completion_tokens
     finally:
         watcher.cancel()
         for t in tickets:
@@ -478,25 +493,22 @@ async def _chat_stream(service, meta, tickets, relay, n, include_usage):
         for i in range(n):
             role = api.chat_delta(i, {"role": "assistant", "content": ""})
             yield _sse(api.chat_chunk(meta, [role], None, include_usage))
-        made, left, seen = 0, n, set()
-        while left:
-            tag, event = await relay.get()
-            _first_token(service, tickets[tag], seen)
+        made, failed = 0, False
+        async for _, event in _events(service, tickets, relay):
             if isinstance(event, Failed):
                 yield _sse(_error_event(event))
-                break
-            if isinstance(event, Piece):
+                failed = True
+            elif isinstance(event, Piece):
                 lp = service.logprobs.chat(event.logprobs) if event.logprobs is not None else None
                 delta = api.chat_delta(event.index, {"content": event.text}, lp)
                 yield _sse(api.chat_chunk(meta, [delta], None, include_usage))
             elif isinstance(event, Finished):
-                made, left = made + event.completion_tokens, left - 1
+                made += event.completion_tokens
                 end = api.chat_delta(event.index, {}, None, event.reason)
                 yield _sse(api.chat_chunk(meta, [end], None, include_usage))
-        else:
-            if include_usage:
-                usage = api.usage(len(tickets[0].work.prompt), made)
-                yield _sse(api.chat_chunk(meta, [], usage, True))
+        if include_usage and not failed:
+            usage = api.usage(len(tickets[0].work.prompt), made)
+            yield _sse(api.chat_chunk(meta, [], usage, True))
         yield "data: [DONE]\n\n"
     finally:
         for t in tickets:
@@ -507,13 +519,12 @@ async def _completion_stream(service, meta, tickets, relay, n, include_usage):
     """text_completion chunks (choice index: prompt × n + answer), usage when asked, [DONE]."""
     try:
         offsets: dict[int, int] = {}
-        made, left, seen = 0, n * len(tickets), set()
-        while left:
-            tag, event = await relay.get()
-            _first_token(service, tickets[tag], seen)
+        made, failed = 0, False
+        async for tag, event in _events(service, tickets, relay):
             if isinstance(event, Failed):
                 yield _sse(_error_event(event))
-                break
+                failed = True
+                continue
             index = tag * n + event.index
             if isinstance(event, Piece):
                 lp = None
@@ -521,17 +532,16 @@ async def _completion_stream(service, meta, tickets, relay, n, include_usage):
                     lp = service.logprobs.completion(event.logprobs, offsets.get(index, 0))
                 offsets[index] = offsets.get(index, 0) + len(event.text)
                 choice = api.completion_choice(index, event.text, None, lp)
-            elif isinstance(event, Finished):
-                made, left = made + event.completion_tokens, left - 1
+            else:
+                made += event.completion_tokens
                 choice = api.completion_choice(index, "", event.reason)
             chunk = api.completion_object(meta, [choice], None, chunk=True)
             if include_usage:
                 chunk["usage"] = None
             yield _sse(chunk)
-        else:
-            if include_usage:
-                prompt = sum(len(t.work.prompt) for t in tickets)
-                yield _sse(api.completion_object(meta, [], api.usage(prompt, made), chunk=True))
+        if include_usage and not failed:
+            prompt = sum(len(t.work.prompt) for t in tickets)
+            yield _sse(api.completion_object(meta, [], api.usage(prompt, made), chunk=True))
         yield "data: [DONE]\n\n"
     finally:
         for t in tickets:
