@@ -454,6 +454,16 @@ def test_images_generations_draws_the_models_images(code_model):
         assert result.usage.output_tokens == 2 * 16
         e = status_of(lambda: client.images.generate(model="painter", prompt="x", size="1024x1024"))
         assert e.status_code == 400 and "4x4" in e.body["message"]
+    # a model whose every position points at an image code still answers text with text
+    with torch.no_grad():
+        service.model.ln_f.weight.zero_()
+        service.model.ln_f.bias.copy_(service.model.wte.weight[tok.code_ids.start] * 100)
+    shouter = Service(ServeConfig())
+    shouter.attach(service.model, tok, "painter")
+    with running_server(shouter) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        text = client.completions.create(model="painter", prompt="a ", max_tokens=10, temperature=0)
+        assert len(text.choices[0].text) == 10 and "<|code_" not in text.choices[0].text
     service = Service(ServeConfig())
     service.attach(*code_model, "tiny")
     with running_server(service) as url:

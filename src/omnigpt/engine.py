@@ -173,7 +173,9 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.max_running, self.max_waiting = max_running, max_waiting
         self.block_size = model.config.block_size
-        self.vocab = tokenizer.vocab_size
+        # answers are text: a drawing model's image codes (the end of its vocabulary) are left out
+        codes = tokenizer.code_ids
+        self.vocab = codes.start if codes else tokenizer.vocab_size
         self.device = model.wte.weight.device
         self.caches = model.make_caches(max_running, self.block_size)
         self.on_tokens = on_tokens  # told how many tokens each step made (for metrics)
