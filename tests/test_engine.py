@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+import torch
 from conftest import slowed
 
 from omnigpt.engine import Busy, Done, Engine, Failed, Finished, Job, Piece, Request
@@ -201,3 +202,20 @@ def test_stop_text_holds_back_what_may_begin_a_stop_string(char_tokenizer):
     assert text.stopped and text.push(tok.encode("z")[0]) == "" and text.flush() == ""
     ending = StopText(tok, ["\n\n"])
     assert ending.push(tok.encode("\n")[0]) == "" and ending.flush() == "\n"
+
+
+def test_a_failing_prefill_fails_its_requests_and_the_engine_serves_on(parts):
+    model, tok = parts
+    engine = Engine(model, tok, max_running=2)
+    try:
+        answers = Answers()
+        broken = Request(tok.encode("def "), GREEDY, inputs={"images": torch.zeros(1, 3, 8, 8)})
+        engine.submit(broken, answers.on(0))  # a text model given images: its forward fails
+        answers.wait()
+        assert answers.failed[0].status == 500 and "engine failed" in answers.failed[0].message
+        answers = Answers()
+        engine.submit(Request(tok.encode("def "), GREEDY), answers.on(1))
+        answers.wait()
+        assert answers.finished[1, 0].completion_tokens == 30
+    finally:
+        engine.close()

@@ -322,12 +322,17 @@ class Engine:
         inputs = _merge_inputs([r.inputs for r in requests], self.device)
         try:
             logits, _ = _prefill(self.model, tokens, pads, views, tokens.size(1), inputs)
-        except OmnigptError as e:
+        except OmnigptError as e:  # a request's media do not fit its text
             if k > 1:
                 for ticket in tickets:
                     self._prefill([ticket])
             else:
                 tickets[0].on_event(Failed(str(e), 400))
+            return
+        except Exception as e:  # a bug or memory running out: these requests fail, not the rest
+            log.exception("a prefill failed; its requests are told so")
+            for ticket in tickets:
+                ticket.on_event(Failed(f"the engine failed: {e}"))
             return
         T, slot = tokens.size(1), base + k  # further answers go after the first ones
         logits = logits[:, -1, : self.vocab].float()
