@@ -1,4 +1,5 @@
-"""Generation speed: omnigpt against Hugging Face `transformers` on a GPT-2 124M-shape model, fp32.
+"""Generation speed: omnigpt against Hugging Face `transformers` on a GPT-2 124M-shape model: fp32,
+and omnigpt with int8 weights (and bf16 weights where bf16 is native).
 
     python benchmarks/generation_speed.py [--batch-sizes 1 16] [--new-tokens 128] [--repeats 3]
 
@@ -6,12 +7,13 @@ Both models have random weights (the work per token does not depend on their val
 32 random tokens per sequence, greedy decoding of exactly `--new-tokens` tokens, timed end to end
 (prefill included), median of `--repeats` runs after one warm-up. The same run also measures the
 machine's memory read bandwidth, to show how close batch 1 comes to the bound that reading every
-weight once per token sets. The last line printed is one JSON object with all figures.
+weight once per token sets (for int8: the int8 matrices and their scales). The last line printed is one JSON object with all figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -20,8 +22,9 @@ import torch
 
 from omnigpt.config import ModelConfig
 from omnigpt.generate import GenerationOptions, generate_tokens
-from omnigpt.hardware import machine_info
+from omnigpt.hardware import bf16_native, machine_info
 from omnigpt.model import GPT
+from omnigpt.quantize import Int8Linear, quantize
 
 VOCAB = 50257
 
@@ -61,8 +64,18 @@ def main() -> None:
 
     torch.manual_seed(0)
     ours = GPT(ModelConfig.from_preset("gpt2", vocab_size=VOCAB)).eval()
-    # fp32; the tied LM head is the embedding, read once per token
-    weight_bytes = ours.num_params() * 4
+    # what a token reads: every weight once (the tied LM head is the embedding, read once), in fp32;
+    # int8: the int8 matrices and their scales (the embedding is a lookup of one row)
+    variants = {"omnigpt": (ours, ours.num_params() * 4)}
+    quantized = quantize(copy.deepcopy(ours), "int8")
+    int8_bytes = sum(
+        m.weight.numel() + 4 * m.scale.numel()
+        for m in quantized.modules()
+        if isinstance(m, Int8Linear)
+    )
+    variants["omnigpt_int8"] = (quantized, int8_bytes)
+    if bf16_native(torch.device("cpu")):
+        variants["omnigpt_bf16"] = (quantize(copy.deepcopy(ours), "bf16"), ours.num_params() * 2)
     hf = None
     if not args.skip_transformers:
         from transformers import GPT2Config, GPT2LMHeadModel
@@ -74,12 +87,15 @@ def main() -> None:
     for batch in args.batch_sizes:
         prompts = torch.randint(0, VOCAB, (batch, args.prompt_tokens))
         n_new = batch * args.new_tokens
+        line = f"batch {batch:>3}:"
+        for name, (model, _) in variants.items():
 
-        def run_ours(prompts=prompts) -> None:
-            out = generate_tokens(ours, prompts.tolist(), opts)
-            assert all(len(o) == args.new_tokens for o in out)
+            def run_ours(prompts=prompts, model=model) -> None:
+                out = generate_tokens(model, prompts.tolist(), opts)
+                assert all(len(o) == args.new_tokens for o in out)
 
-        results[f"omnigpt_batch{batch}_tokens_per_s"] = n_new / timed(run_ours, args.repeats)
+            results[f"{name}_batch{batch}_tokens_per_s"] = n_new / timed(run_ours, args.repeats)
+            line += f"  {name} {results[f'{name}_batch{batch}_tokens_per_s']:7.1f}"
         if hf is not None:
 
             def run_hf(prompts=prompts) -> None:
@@ -94,28 +110,32 @@ def main() -> None:
                     )
                 assert out.shape[1] == args.prompt_tokens + args.new_tokens
 
-            results[f"transformers_batch{batch}_tokens_per_s"] = n_new / timed(run_hf, args.repeats)
-        line = f"batch {batch:>3}: omnigpt {results[f'omnigpt_batch{batch}_tokens_per_s']:8.1f} tokens/s"
-        if hf is not None:
-            theirs = results[f"transformers_batch{batch}_tokens_per_s"]
-            line += f"   transformers {theirs:8.1f} tokens/s   ratio {results[f'omnigpt_batch{batch}_tokens_per_s'] / theirs:.2f}x"
+            theirs = n_new / timed(run_hf, args.repeats)
+            results[f"transformers_batch{batch}_tokens_per_s"] = theirs
+            line += f"  transformers {theirs:7.1f}  (tokens/s)"
+            for name in variants:
+                ratio = results[f"{name}_batch{batch}_tokens_per_s"] / theirs
+                results[f"{name}_batch{batch}_vs_transformers"] = ratio
         print(line, flush=True)
 
     bandwidth = read_bandwidth_gb_s()
-    bound = bandwidth * 1e9 / weight_bytes
-    results.update(
-        weights_mb=weight_bytes / 1e6,
-        read_bandwidth_gb_s=bandwidth,
-        batch1_bound_tokens_per_s=bound,
-        machine=machine_info(),
-    )
+    results.update(read_bandwidth_gb_s=bandwidth, machine=machine_info())
     if 1 in args.batch_sizes:
-        achieved = results["omnigpt_batch1_tokens_per_s"]
-        results["batch1_fraction_of_bound"] = achieved / bound
-        print(
-            f"batch 1 bound: {weight_bytes / 1e6:.0f} MB of weights per token at {bandwidth:.1f} GB/s read "
-            f"→ {bound:.1f} tokens/s; omnigpt reaches {achieved / bound:.0%} of it"
-        )
+        for name, (_, weight_bytes) in variants.items():
+            bound = bandwidth * 1e9 / weight_bytes
+            achieved = results[f"{name}_batch1_tokens_per_s"]
+            results[f"{name}_weights_mb"] = weight_bytes / 1e6
+            results[f"{name}_batch1_bound_tokens_per_s"] = bound
+            results[f"{name}_batch1_fraction_of_bound"] = achieved / bound
+            print(
+                f"{name} batch 1: {weight_bytes / 1e6:.0f} MB read per token at {bandwidth:.1f} GB/s "
+                f"→ bound {bound:.1f} tokens/s; reaches {achieved / bound:.0%} of it"
+            )
+        if hf is not None:
+            hf_bound = bandwidth * 1e9 / (ours.num_params() * 4)
+            results["transformers_batch1_fraction_of_bound"] = (
+                results["transformers_batch1_tokens_per_s"] / hf_bound
+            )
     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in results.items()}))
 
 

@@ -34,6 +34,7 @@ from omnigpt.lora import adapter_state, has_lora
 from omnigpt.model import GPT
 from omnigpt.model.fusion import MultimodalGPT
 from omnigpt.pixels import CODEC_FILE
+from omnigpt.quantize import quantization_of, quantize_int8
 from omnigpt.tokenizer import Tokenizer
 
 WEIGHTS = "model.safetensors"
@@ -101,10 +102,11 @@ def save_checkpoint(
     lora = has_lora(model)
     source = adapter_state(model) if lora else model.state_dict()
     state = {k: v.detach().contiguous().cpu() for k, v in source.items()}
-    if model.config.tie_embeddings:
+    if _tied(model):
         state.pop(_decoder_prefix(model) + "lm_head.weight", None)
     config = {
         "model": model.config.to_dict(),
+        **({"quantization": quantization_of(model)} if quantization_of(model) else {}),
         **({"media": model.media_config()} if isinstance(model, MultimodalGPT) else {}),
         "tokenizer_fingerprint": tokenizer.fingerprint,
         **({"image_codec": tokenizer.images.fingerprint} if tokenizer.images else {}),
@@ -156,6 +158,8 @@ def load_checkpoint(
     model = GPT.without_init(model_cfg)
     if "media" in config:  # a multimodal model: the decoder with its encoders and projectors
         model = MultimodalGPT.from_media_config(model, config["media"])
+    if config.get("quantization"):  # saved after `quantize`: the int8 layers, to load into
+        quantize_int8(model, empty=True)
     load_weights(model, folder / WEIGHTS)
     return model.to(device).eval(), tokenizer
 
@@ -178,7 +182,7 @@ def read_adapter(folder: str | Path) -> dict[str, torch.Tensor]:
 def apply_state(model: GPT, state: dict[str, torch.Tensor], source: str) -> None:
     """Loads omnigpt-named weights into `model`, refusing missing, unexpected or misshapen ones."""
     prefix = _decoder_prefix(model)
-    if model.config.tie_embeddings and prefix + "wte.weight" in state:
+    if _tied(model) and prefix + "wte.weight" in state:
         state.setdefault(prefix + "lm_head.weight", state[prefix + "wte.weight"])
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -193,10 +197,16 @@ def apply_state(model: GPT, state: dict[str, torch.Tensor], source: str) -> None
                 f"{source}: {name} has shape {tuple(tensor.shape)}, config expects {tuple(expected[name].shape)}"
             )
     # assign: the loaded tensors become the parameters (no second copy of every weight)
+    tied = _tied(model)
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, assign=True)
-    if model.config.tie_embeddings:
+    if tied:
         decoder = model.gpt if isinstance(model, MultimodalGPT) else model
         decoder.lm_head.weight = decoder.wte.weight
+
+
+def _tied(model) -> bool:
+    """Whether the LM head is the token embedding (not when an int8 copy replaced it)."""
+    return model.config.tie_embeddings and quantization_of(model) is None
 
 
 def _decoder_prefix(model) -> str:

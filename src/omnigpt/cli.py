@@ -39,6 +39,7 @@ from omnigpt.config import (
     TrainConfig,
 )
 from omnigpt.errors import OmnigptError
+from omnigpt.quantize import QUANTIZATIONS
 from omnigpt.synthetic import CAPTION_PROMPT, TRANSCRIBE_PROMPT
 
 BUILTIN_DATA = Path("data/python-stdlib")
@@ -249,7 +250,17 @@ SAMPLING_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition
 def _sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
     defaults = {"temperature": temperature, "max_new_tokens": 200}
     _config_flags(p, GenerationOptions, SAMPLING_FLAGS, defaults)
+    _device_args(p)
+
+
+def _device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument(
+        "--quantize",
+        choices=QUANTIZATIONS,
+        help="int8: int8 weights, a scale per output channel (a quarter of fp32's bytes per token); "
+        "bf16: bf16 weights, where bf16 is native (CUDA, AMX or AVX-512-BF16 CPUs)",
+    )
 
 
 def _chat_args(p: argparse.ArgumentParser) -> None:
@@ -286,7 +297,7 @@ def _imagine_args(p: argparse.ArgumentParser) -> None:
     _config_flags(
         p, GenerationOptions, ("temperature", "top_k", "top_p", "seed"), {"temperature": 1.0}
     )
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    _device_args(p)
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
@@ -296,7 +307,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         help="run or checkpoint folder, Hugging Face GPT-2 folder, or Hub name in the local HF cache",
     )
     _config_flags(p, ServeConfig)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    _device_args(p)
 
 
 def _media_args(p: argparse.ArgumentParser, kind: str, prompt: str | None) -> None:
@@ -664,7 +675,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
         stop_strings=tuple(args.stop),
         token_healing=not args.no_token_healing,
     )
-    model, tokenizer = load_model(args.model, pick_device(args.device), args.tokenizer)
+    model, tokenizer = load_model(
+        args.model, pick_device(args.device), args.tokenizer, args.quantize
+    )
     streaming = len(prompts) * opts.num_samples == 1
     if streaming:
         sys.stdout.write(prompts[0])
@@ -692,7 +705,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     from omnigpt.hardware import pick_device
     from omnigpt.load import load_model
 
-    model, tokenizer = load_model(args.model, pick_device(args.device))
+    model, tokenizer = load_model(args.model, pick_device(args.device), quantization=args.quantize)
     session = ChatSession(
         model, tokenizer, _generation_options(args, token_healing=False), args.system
     )
@@ -766,7 +779,7 @@ def cmd_imagine(args: argparse.Namespace) -> None:
         read_rgb(args.complete, (1, 1))  # an unreadable image stops here, before the model loads
     if args.num_samples < 1:
         raise OmnigptError(f"-n must be at least 1, not {args.num_samples}")
-    model, tokenizer = load_model(args.model, pick_device(args.device))
+    model, tokenizer = load_model(args.model, pick_device(args.device), quantization=args.quantize)
     unconditional = learned_unconditional(args.model)
     cfg = args.cfg if args.cfg is not None else (3.0 if unconditional else 1.0)
     if cfg != 1.0 and not unconditional:
@@ -791,7 +804,7 @@ def cmd_media(args: argparse.Namespace) -> None:
 
     kind = "audio" if args.command == "transcribe" else "image"
     prompt = args.question if args.command == "ask" else args.prompt
-    model, tokenizer = load_model(args.model, pick_device(args.device))
+    model, tokenizer = load_model(args.model, pick_device(args.device), quantization=args.quantize)
     opts = _generation_options(args, token_healing=False)
     for path in args.files:
         record = {kind: str(Path(path).resolve()), "prompt": prompt}
@@ -802,7 +815,7 @@ def cmd_media(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     from omnigpt.server import serve
 
-    serve(args.model, _from_flags(ServeConfig, args), args.device)
+    serve(args.model, _from_flags(ServeConfig, args), args.device, args.quantize)
 
 
 def cmd_make_data(args: argparse.Namespace) -> None:
@@ -832,7 +845,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if args.limit:
         records = records[: args.limit]
     metrics = args.metric or ["perplexity"]
-    model, tokenizer = load_model(args.model, pick_device(args.device))
+    model, tokenizer = load_model(args.model, pick_device(args.device), quantization=args.quantize)
     out = args.out
     if out is None:
         base = Path(args.model) if Path(args.model).is_dir() else Path(".")

@@ -5,6 +5,7 @@
     model, tok = load_model("runs/lora")             # a LoRA run: its base model with the adapters
     model, tok = load_model("downloads/gpt2")        # a Hugging Face GPT-2 folder
     model, tok = load_model("gpt2")                  # a Hub name, from the local Hugging Face cache
+    model, tok = load_model("runs/mine", quantization="int8")   # int8 weights for inference
     import_hf("gpt2", "checkpoints/gpt2")            # the same, saved as an omnigpt checkpoint
     merge_lora_run("runs/lora", "checkpoints/tuned") # base + adapters as one plain checkpoint
 
@@ -34,6 +35,7 @@ from omnigpt.errors import OmnigptError
 from omnigpt.hf import is_hf_folder, load_hf
 from omnigpt.lora import add_lora, base_checksum, load_adapter_state, merge_lora, same_base
 from omnigpt.model import GPT
+from omnigpt.quantize import quantize
 from omnigpt.tokenizer import Tokenizer
 
 
@@ -81,11 +83,22 @@ def load_model(
     path_or_name: str | Path,
     device: str | torch.device = "cpu",
     tokenizer_path: str | Path | None = None,
+    quantization: str | None = None,
 ) -> tuple[GPT, Tokenizer]:
     """An omnigpt run or checkpoint folder, a Hugging Face GPT-2 folder, or a cached Hub name.
 
     A LoRA checkpoint loads its base model (named in its config) with the adapters applied.
+    `quantization` ("int8") transforms the loaded model for inference (`quantize.py`; LoRA
+    adapters are merged into the weights first).
     """
+    model, tokenizer = _load(path_or_name, device, tokenizer_path)
+    if quantization is not None:
+        merge_lora(model)
+        model = quantize(model, quantization).to(device)
+    return model, tokenizer
+
+
+def _load(path_or_name, device, tokenizer_path) -> tuple[GPT, Tokenizer]:
     path = Path(path_or_name)
     looks_like_hub_name = re.fullmatch(r"[\w-][\w.-]*(/[\w.-]+)?", str(path_or_name))
     if not path.exists() and looks_like_hub_name:

@@ -97,14 +97,20 @@ class Service:
         self.metrics = Metrics(self)
         self.limits = Limits(config.max_image_pixels, config.max_running)
 
-    def load(self, path: str, device: str = "auto", start_engine: bool = True) -> None:
+    def load(
+        self,
+        path: str,
+        device: str = "auto",
+        start_engine: bool = True,
+        quantization: str | None = None,
+    ) -> None:
         """Loads a model as `generate` and `chat` do; `/health` turns 200 when done."""
         from omnigpt.hardware import pick_device
         from omnigpt.imagine import learned_unconditional
         from omnigpt.load import load_model
 
         try:
-            model, tokenizer = load_model(path, pick_device(device))
+            model, tokenizer = load_model(path, pick_device(device), quantization=quantization)
             guidance = 1.0
             if tokenizer.images is not None and learned_unconditional(path):
                 guidance = 3.0
@@ -662,7 +668,9 @@ def _replay(body: bytes, receive):
 # -- running it -------------------------------------------------------------------------------------
 
 
-def serve(model: str, config: ServeConfig, device: str = "auto") -> None:
+def serve(
+    model: str, config: ServeConfig, device: str = "auto", quantization: str | None = None
+) -> None:
     """Serves `model` until Ctrl-C or SIGTERM: the port opens at once (uvicorn in a thread), the
     model loads and the engine runs on this, the main thread; /health turns 200 once it is loaded."""
     import signal
@@ -689,7 +697,7 @@ def serve(model: str, config: ServeConfig, device: str = "auto") -> None:
         raise OmnigptError(f"could not serve on {config.host}:{config.port} (see the log above)")
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        service.load(model, device, start_engine=False)
+        service.load(model, device, start_engine=False, quantization=quantization)
         if service.engine is not None:
             service.engine.run()
         else:  # a model that failed to load: /health says why until the server is stopped
