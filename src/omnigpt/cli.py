@@ -237,6 +237,18 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     )
     _config_flags(p, GenerationOptions, ("num_samples",))
     p.add_argument(
+        "--draft",
+        metavar="RUN",
+        help="speculative decoding: a small model with the same tokenizer proposes tokens that "
+        "the model checks in one pass (same output distribution; greedy output unchanged)",
+    )
+    p.add_argument(
+        "--draft-tokens",
+        type=int,
+        default=4,
+        help="tokens the draft proposes per pass (default: 4)",
+    )
+    p.add_argument(
         "--no-token-healing",
         action="store_true",
         help="keep the prompt's last token as typed (by default it is re-chosen, so 'def ' works)",
@@ -686,7 +698,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    texts = generate_text(model, tokenizer, prompts, opts, on_text if streaming else None)
+    if args.draft:
+        texts = _speculative(model, tokenizer, prompts, opts, args, on_text if streaming else None)
+    else:
+        texts = generate_text(model, tokenizer, prompts, opts, on_text if streaming else None)
     if streaming:
         sys.stdout.write("\n")
         return
@@ -694,6 +709,27 @@ def cmd_generate(args: argparse.Namespace) -> None:
         prompt = prompts[i // opts.num_samples]
         print(f"--- prompt {i // opts.num_samples + 1}, sample {i % opts.num_samples + 1}")
         print(prompt + text)
+
+
+def _speculative(model, tokenizer, prompts, opts, args, on_text) -> list[str]:
+    """generate with --draft: the draft loaded beside the model (its tokenizer must be the same)."""
+    from omnigpt.hardware import pick_device
+    from omnigpt.load import load_model
+    from omnigpt.speculative import speculative_text
+
+    draft, draft_tokenizer = load_model(args.draft, pick_device(args.device))
+    reason = tokenizer.differs_from(draft_tokenizer)
+    if reason:
+        raise OmnigptError(f"--draft {args.draft} has another tokenizer than the model: {reason}")
+    texts, stats = speculative_text(
+        model, draft, tokenizer, prompts, opts, args.draft_tokens, on_text
+    )
+    print(
+        f"(speculative decoding: {stats.accepted:,} of {stats.proposed:,} proposed tokens kept, "
+        f"{stats.acceptance:.0%}; {stats.rounds:,} passes of the model)",
+        file=sys.stderr,
+    )
+    return texts
 
 
 def _generation_options(args: argparse.Namespace, **values) -> GenerationOptions:

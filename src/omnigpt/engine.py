@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from omnigpt.config import GenerationOptions
 from omnigpt.errors import OmnigptError
 from omnigpt.generate import StopText, _prefill, apply_repetition_penalty, left_pad, sample_next
-from omnigpt.model.attention import KVCache
+from omnigpt.model.attention import KVCache, RowCache, row_mask
 from omnigpt.tokenizer import Tokenizer
 
 log = logging.getLogger("omnigpt.engine")
@@ -371,13 +371,10 @@ class Engine:
         lengths = torch.tensor([s.length for s in running], device=self.device)  # (n,)
         starts = torch.tensor([s.start for s in running], device=self.device)
         end = max(s.length for s in running) + 1
-        at = torch.arange(end, device=self.device)[None]
-        mask = (at >= starts[:, None]) & (at <= lengths[:, None])  # (n, end): its own keys only
-        caches = [_RowCache(c, lengths, end) for c in self.caches]
+        mask = row_mask(starts, lengths, 1, end)  # each row sees its own keys only
+        caches = [RowCache(c, lengths, end) for c in self.caches]
         positions = (lengths - starts)[:, None]
-        logits, _ = self.model(
-            ids, positions=positions, attn_mask=mask[:, None, None], caches=caches
-        )
+        logits, _ = self.model(ids, positions=positions, attn_mask=mask, caches=caches)
         for s in running:
             s.length += 1
         self._advance(running, logits[:, -1, : self.vocab].float())
@@ -479,21 +476,6 @@ def _merge_inputs(inputs: list[dict[str, torch.Tensor]], device) -> dict[str, to
         out["mel"] = torch.cat([F.pad(m, (0, longest - m.size(-1))) for m in mels]).to(device)
         out["frames"] = torch.cat([i["frames"] for i in inputs if "mel" in i]).to(device)
     return out
-
-
-class _RowCache:
-    """A layer's cache for one decode step: the token of row i is written at position lengths[i],
-    and the first `end` positions of the running rows are attended to (a mask hides the rest)."""
-
-    def __init__(self, cache: KVCache, lengths: torch.Tensor, end: int):
-        self.cache, self.lengths, self.end = cache, lengths, end
-
-    def update(self, k: torch.Tensor, v: torch.Tensor, start: int):
-        n = k.size(0)
-        rows = torch.arange(n, device=k.device)
-        self.cache.k[rows, :, self.lengths] = k[:, :, 0]
-        self.cache.v[rows, :, self.lengths] = v[:, :, 0]
-        return self.cache.k[:n, :, : self.end], self.cache.v[:n, :, : self.end]
 
 
 def _logprob(log_probs: torch.Tensor, token: int, top: int) -> TokenLogprob:

@@ -66,6 +66,31 @@ class KVCache:
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
+class RowCache:
+    """A view of a layer's KVCache for one forward pass in which each row of the batch (the first
+    n rows of the cache) writes its T new tokens at its own positions `at`..`at`+T-1 (`at`: (n,)),
+    and attends over the first `end` positions (the caller's mask says which of them are its own)."""
+
+    def __init__(self, cache: KVCache, at: torch.Tensor, end: int):
+        self.cache, self.at, self.end = cache, at, end
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, start: int):
+        n, T = k.size(0), k.size(2)
+        rows = torch.arange(n, device=k.device)[:, None]  # (n, 1)
+        where = self.at[:, None] + torch.arange(T, device=k.device)  # (n, T)
+        self.cache.k[rows, :, where] = k.transpose(1, 2)  # (n, T, nh, hs)
+        self.cache.v[rows, :, where] = v.transpose(1, 2)
+        return self.cache.k[:n, :, : self.end], self.cache.v[:n, :, : self.end]
+
+
+def row_mask(starts: torch.Tensor, at: torch.Tensor, T: int, end: int) -> torch.Tensor:
+    """(n, 1, T, end): new token t of row i sees cache positions starts[i] .. at[i] + t (its own
+    prompt and what it made so far, causally), and nothing of the padding before starts[i]."""
+    keys = torch.arange(end, device=at.device)[None, None]  # (1, 1, end)
+    last = at[:, None, None] + torch.arange(T, device=at.device)[None, :, None]  # (n, T, 1)
+    return ((keys >= starts[:, None, None]) & (keys <= last))[:, None]
+
+
 def attention(
     q, k, v, mask: torch.Tensor | None, is_causal: bool, dropout_p: float
 ) -> torch.Tensor:
