@@ -84,3 +84,33 @@ def test_lora_is_merged_and_bf16_needs_native_hardware(tmp_path, code_model, fak
     x = torch.tensor([tok.encode(CORPUS[:40])])
     with torch.no_grad():
         assert (half(x)[0].float().argmax(-1) == model(x)[0].argmax(-1)).float().mean() >= 0.95
+
+
+def test_an_int8_model_serves(code_model):
+    import threading
+
+    from omnigpt.engine import Engine, Finished, Piece, Request
+
+    model, tok = code_model
+    quantized = quantize_int8(copy.deepcopy(model))
+    prompts = [tok.encode("def add"), tok.encode("class")]
+    opts = GenerationOptions(max_new_tokens=16, temperature=0, stop_at_eot=False)
+    engine = Engine(quantized, tok, max_running=2)
+    got, done = {0: [], 1: []}, threading.Semaphore(0)
+
+    def on(i):
+        def event(e):
+            if isinstance(e, Piece):
+                got[i] += e.tokens
+            elif isinstance(e, Finished):
+                done.release()
+
+        return event
+
+    try:
+        for i, p in enumerate(prompts):
+            engine.submit(Request(p, opts), on(i))
+        assert done.acquire(timeout=20) and done.acquire(timeout=20)
+    finally:
+        engine.close()
+    assert [got[0], got[1]] == [generate_tokens(quantized, [p], opts)[0] for p in prompts]
