@@ -28,6 +28,16 @@ def test_weights_round_to_within_half_a_step_of_their_channel(code_model):
     assert torch.equal(q.bias, layer.bias)
 
 
+def test_a_rows_int8_result_does_not_depend_on_the_rest_of_the_batch():
+    torch.manual_seed(0)
+    layer = Int8Linear.from_weight(torch.randn(64, 32) * 0.1, torch.randn(64))
+    x = torch.randn(1, 32)
+    crowd = torch.cat([x, 100 * torch.randn(1, 32), 0.01 * torch.randn(3, 32)])
+    assert torch.equal(layer(x)[0], layer(crowd)[0])  # the kernel's one range would differ
+    exact = x @ layer.dequantized().t() + layer.bias
+    assert (layer(x) - exact).abs().max() <= 0.02 * exact.abs().max()
+
+
 def test_int8_logits_stay_close_to_fp32(code_model):
     model, tok = code_model
     quantized = quantize_int8(copy.deepcopy(model))

@@ -6,8 +6,9 @@
 
 Each weight matrix is stored as int8 with one scale per output channel (symmetric, max |w| → 127).
 On CPU a layer runs PyTorch's own dynamic-quantized kernel (`quantized::linear_dynamic`, fbgemm /
-oneDNN): each row of activations is quantized to int8 on the fly and multiplied in integers, on AVX2
-and AVX-512 alike; at batch 1 a token reads a quarter of the bytes fp32 reads. Elsewhere (CUDA, or
+oneDNN): each row of activations is quantized to int8 on the fly, by its own peak, and multiplied in
+integers, on AVX2 and AVX-512 alike; at batch 1 a token reads a quarter of the bytes fp32 reads, and
+a row's result is the same in any batch. Elsewhere (CUDA, or
 bf16 activations) the weights are dequantized into the matmul (`torch.compile` fuses that). The
 embedding stays in full precision (a token reads one row of it); a tied LM head gets its own int8
 copy. Encoders of a multimodal model stay as they are: they run once per prompt.
@@ -55,12 +56,24 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu" and x.dtype == torch.float32:
-            y = torch.ops.quantized.linear_dynamic(
-                x.reshape(-1, self.in_features), self._prepacked(), _REDUCE_RANGE
-            )
-            return y.reshape(*x.shape[:-1], self.out_features)
-        y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
-        return y if self.bias is None else y + self.bias.to(x.dtype)
+            y = self._cpu_int8(x.reshape(-1, self.in_features))
+            y = y.reshape(*x.shape[:-1], self.out_features)
+        else:
+            y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _cpu_int8(self, rows: torch.Tensor) -> torch.Tensor:
+        """The int8 kernel quantizes its whole input with one range; each row is first scaled to a
+        peak of 1 and a last row holding +1 and -1 fixes the range at [-1, 1], so every row is
+        quantized by its own peak, exactly as it would be alone (integer sums are exact: a row's
+        result does not depend on the rest of the batch)."""
+        peak = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-30)
+        fence = torch.zeros(1, self.in_features)
+        fence[0, 0], fence[0, -1] = 1.0, -1.0
+        y = torch.ops.quantized.linear_dynamic(
+            torch.cat([rows / peak, fence]), self._prepacked(), _REDUCE_RANGE
+        )
+        return y[:-1] * peak
 
     def _prepacked(self):
         if self._packed is None:
@@ -70,7 +83,7 @@ class Int8Linear(nn.Module):
                 q = torch._make_per_channel_quantized_tensor(
                     self.weight, self.scale.double(), zeros, 0
                 )
-            self._packed = torch.ops.quantized.linear_prepack(q, self.bias)
+            self._packed = torch.ops.quantized.linear_prepack(q, None)  # bias: added after
         return self._packed
 
     def _load_from_state_dict(self, *args, **kwargs):
