@@ -16,6 +16,7 @@ copy. Encoders of a multimodal model stay as they are: they run once per prompt.
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -57,9 +58,8 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu" and x.dtype == torch.float32:
             y = self._cpu_int8(x.reshape(-1, self.in_features))
-            y = y.reshape(*x.shape[:-1], self.out_features)
-        else:
-            y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
+            return y.reshape(*x.shape[:-1], self.out_features)
+        y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def _cpu_int8(self, rows: torch.Tensor) -> torch.Tensor:
@@ -67,13 +67,11 @@ class Int8Linear(nn.Module):
         peak of 1 and a last row holding +1 and -1 fixes the range at [-1, 1], so every row is
         quantized by its own peak, exactly as it would be alone (integer sums are exact: a row's
         result does not depend on the rest of the batch)."""
-        peak = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-30)
-        fence = torch.zeros(1, self.in_features)
-        fence[0, 0], fence[0, -1] = 1.0, -1.0
+        peak = torch.linalg.vector_norm(rows, float("inf"), dim=1, keepdim=True).clamp_(min=1e-30)
         y = torch.ops.quantized.linear_dynamic(
-            torch.cat([rows / peak, fence]), self._prepacked(), _REDUCE_RANGE
-        )
-        return y[:-1] * peak
+            torch.cat([rows / peak, _fence(self.in_features)]), self._prepacked(), _REDUCE_RANGE
+        )[:-1]
+        return y * peak if self.bias is None else torch.addcmul(self.bias, y, peak)
 
     def _prepacked(self):
         if self._packed is None:
@@ -100,6 +98,14 @@ class Int8Linear(nn.Module):
 
 # x86's kernels multiply 8-bit activations with 7 bits of range, so that no sum saturates (AVX2)
 _REDUCE_RANGE = torch.backends.quantized.engine in ("fbgemm", "x86")
+
+
+@functools.cache
+def _fence(width: int) -> torch.Tensor:
+    """(1, width): +1, then zeros, then -1."""
+    fence = torch.zeros(1, width)
+    fence[0, 0], fence[0, -1] = 1.0, -1.0
+    return fence
 
 
 def quantize(model, kind: str | None):

@@ -131,19 +131,28 @@ def speculative_tokens(
         logits, _ = m(ids, positions=positions, attn_mask=mask, caches=views)
         return logits[..., :vocab].float()
 
+    greedy = opts.temperature == 0  # one-hot p and q: the rule reduces to argmax comparisons
     while not all(done):
         drafted, q, current = [], [], last
         for j in range(k + 1):  # the (k+1)-th feed only writes the last proposal into the cache
-            logits = run(draft, current[:, None], at + j)
+            logits = run(draft, current[:, None], at + j)[:, -1]
             if j == k:
                 break
-            probs = token_probs(logits[:, -1], opts)
-            current = torch.multinomial(probs, 1, generator=generator)[:, 0]
+            if greedy:
+                current = logits.argmax(-1)
+            else:
+                q.append(token_probs(logits, opts))
+                current = torch.multinomial(q[-1], 1, generator=generator)[:, 0]
             drafted.append(current)
-            q.append(probs)
         drafted_ids = torch.stack(drafted, dim=1)  # (B, k)
-        p = token_probs(run(model, torch.cat([last[:, None], drafted_ids], 1), at), opts)
-        accepted, following = accept_drafts(p, torch.stack(q, dim=1), drafted_ids, generator)
+        checked = run(model, torch.cat([last[:, None], drafted_ids], 1), at)  # (B, k+1, V)
+        if greedy:
+            best = checked.argmax(-1)  # (B, k+1)
+            accepted = (drafted_ids == best[:, :k]).int().cumprod(dim=1).sum(dim=1)
+            following = best.gather(1, accepted[:, None])[:, 0]
+        else:
+            p = token_probs(checked, opts)
+            accepted, following = accept_drafts(p, torch.stack(q, dim=1), drafted_ids, generator)
         stats.rounds += 1
         rows_accepted, rows_drafted, rows_next = (
             accepted.tolist(),
