@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import copy
 import io
 import json
 import logging
@@ -24,6 +25,7 @@ from omnigpt.generate import generate_tokens
 from omnigpt.model import GPT
 from omnigpt.model.fusion import MultimodalGPT
 from omnigpt.pixels import ImageCodec
+from omnigpt.quantize import quantize_int8
 from omnigpt.server import Service
 from omnigpt.synthetic import TRANSCRIBE_PROMPT
 from omnigpt.template import render_conversation, stop_ids
@@ -417,7 +419,7 @@ def test_health_is_503_while_the_model_loads_and_models_lists_it(code_model, ser
         service.attach(*code_model, "late")
         assert httpx.get(url + "/health").status_code == 200
         [card] = httpx.get(url + "/v1/models").json()["data"]
-        assert card["id"] == "late" and card["max_model_len"] == 96
+        assert card["id"] == "late" and card["max_model_len"] == 96 and card["weights"] == "fp32"
         assert card["capabilities"]["chat"] and not card["capabilities"]["image_input"]
     mm = openai.OpenAI(base_url=served[0] + "/v1", api_key="x", max_retries=0).models.retrieve(
         "tiny"
@@ -486,7 +488,7 @@ def test_the_serve_command_answers_and_stops_on_sigterm(tmp_path, code_model):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     command = [sys.executable, "-m", "omnigpt", "serve", "--model", str(tmp_path / "coder"),
-               "--port", str(port), "--device", "cpu"]  # fmt: skip
+               "--port", str(port), "--device", "cpu", "--quantize", "int8"]  # fmt: skip
     server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -499,10 +501,11 @@ def test_the_serve_command_answers_and_stops_on_sigterm(tmp_path, code_model):
                 time.sleep(0.1)
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
         [card] = client.models.list().data
-        assert card.id == "coder"
+        assert card.id == "coder" and card.weights == "int8"
         reply = client.completions.create(model="coder", prompt="def ", max_tokens=8, temperature=0)
-        model, tok = code_model
-        expected = alone(model, tok, tok.encode("def "), 8, stops=[tok.eot_id])
+        model, tok = code_model  # served with int8 weights
+        int8 = quantize_int8(copy.deepcopy(model))
+        expected = alone(int8, tok, tok.encode("def "), 8, stops=[tok.eot_id])
         assert reply.choices[0].text == tok.decode(expected)
         busy = subprocess.run(command, capture_output=True, text=True, timeout=60)
         assert busy.returncode == 2 and f"could not serve on 127.0.0.1:{port}" in busy.stderr

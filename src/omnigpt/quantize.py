@@ -158,3 +158,11 @@ def _int8(linear: nn.Linear, empty: bool) -> Int8Linear:
 def quantization_of(model) -> str | None:
     """ "int8" for a model `quantize_int8` transformed, else None."""
     return getattr(getattr(model, "gpt", model), "quantization", None)
+
+
+def weights_of(model) -> str:
+    """What the decoder's weights are: "int8", "bf16", "fp32", ..."""
+    decoder = getattr(model, "gpt", model)
+    return quantization_of(model) or str(decoder.wte.weight.dtype).removeprefix("torch.").replace(
+        "float32", "fp32"
+    ).replace("bfloat16", "bf16")

@@ -46,6 +46,7 @@ from omnigpt.api import ApiError, ChatRequest, CompletionRequest, ImageRequest, 
 from omnigpt.config import GenerationOptions, ServeConfig
 from omnigpt.engine import Busy, Engine, Failed, Finished, Job, Piece, Request, Ticket
 from omnigpt.errors import OmnigptError
+from omnigpt.quantize import weights_of
 from omnigpt.synthetic import TRANSCRIBE_PROMPT
 from omnigpt.tokenizer import ASSISTANT, Tokenizer
 
@@ -424,6 +425,7 @@ def _model_card(service: Service) -> dict:
         "created": 0,
         "owned_by": "omnigpt",
         "max_model_len": service.model.config.block_size,
+        "weights": weights_of(service.model),
         "capabilities": service.capabilities(),
     }
 
