@@ -8,10 +8,10 @@ Each weight matrix is stored as int8 with one scale per output channel (symmetri
 On CPU a layer runs PyTorch's own dynamic-quantized kernel (`quantized::linear_dynamic`, fbgemm /
 oneDNN): each row of activations is quantized to int8 on the fly, by its own peak, and multiplied in
 integers, on AVX2 and AVX-512 alike; at batch 1 a token reads a quarter of the bytes fp32 reads, and
-a row's result is the same in any batch. Elsewhere (CUDA, or
-bf16 activations) the weights are dequantized into the matmul (`torch.compile` fuses that). The
-embedding stays in full precision (a token reads one row of it); a tied LM head gets its own int8
-copy. Encoders of a multimodal model stay as they are: they run once per prompt.
+a row's result is the same in any batch. Elsewhere (CUDA, or bf16 activations) the weights are
+dequantized into the matmul, weight-only (under `torch.compile` the two can fuse). The embedding
+stays in full precision (a token reads one row of it); a tied LM head gets its own int8 copy.
+Encoders of a multimodal model stay as they are: they run once per prompt.
 """
 
 from __future__ import annotations
