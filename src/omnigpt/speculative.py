@@ -117,7 +117,7 @@ def speculative_tokens(
             _prefill(m, tokens[:, :-1], pads, caches[m], total, {})
     at = torch.full((B,), T - 1, device=device)  # where each row's pending token goes
     last = tokens[:, -1]
-    vocab = vocab_limit or model.config.vocab_size
+    vocab = vocab_limit or min(model.config.vocab_size, draft.config.vocab_size)
     out: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
     stats = SpeculativeStats()
