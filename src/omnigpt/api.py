@@ -11,7 +11,8 @@ What is supported, refused and ignored (README, "Serving"):
 - refused with 400 when set to anything but their neutral value: presence_penalty,
   frequency_penalty, logit_bias, tools, tool_choice, response_format other than text, echo, suffix,
   best_of; any field the API does not have.
-- ignored: user, metadata, store, service_tier, parallel_tool_calls (they change no output).
+- ignored: user, metadata, store, service_tier, parallel_tool_calls, an image part's detail
+  (images are read at the model's own size); they change no output.
 """
 
 from __future__ import annotations
