@@ -633,6 +633,9 @@ def _budgets(args: argparse.Namespace) -> dict:
 
 
 def _report(result, out: Path) -> None:
+    from omnigpt.train import end_distributed
+
+    end_distributed()
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"done: {result}")
         print(

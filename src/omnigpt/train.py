@@ -84,6 +84,14 @@ def setup_distributed(device_name: str = "auto") -> Dist:
     return Dist(rank, world_size, local_rank, device)
 
 
+def end_distributed() -> None:
+    """Leaves the process group after a run that finished on every process. Without it the group's
+    threads are torn down with the interpreter, which can abort the process (SIGABRT)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 # -- optimisation ---------------------------------------------------------------------------------
 
 
