@@ -29,6 +29,7 @@ from omnigpt.config import GenerationOptions, ModelConfig, TrainConfig
 from omnigpt.generate import generate_tokens
 from omnigpt.hardware import machine_info
 from omnigpt.model import GPT
+from omnigpt.parallel import parallelize
 from omnigpt.quantize import quantize
 from omnigpt.train import Dist, build_optimizers, train_step
 
@@ -53,10 +54,10 @@ def peak_tflops(name: str) -> float | None:
 
 def train_speed(model: GPT, device: torch.device, batch: int, steps: int, warmup: int) -> dict:
     cfg = TrainConfig(batch_size=batch, optimizer="adamw", lr=3e-4, compile=True, precision="bf16")
-    optimizers = build_optimizers(model, cfg, device)
-    train_model = torch.compile(model)
-    T, V = model.config.block_size, model.config.vocab_size
     dist_info = Dist(device=device)
+    train_model = parallelize(model, cfg, dist_info, "bf16")  # compiled, as `fit` does it
+    optimizers = build_optimizers(model, cfg, device)
+    T, V = model.config.block_size, model.config.vocab_size
     data = torch.randint(0, V, (batch, T + 1), device=device)
     micro = [(data[:, :-1], data[:, 1:])]
     losses = []

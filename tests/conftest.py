@@ -106,27 +106,38 @@ def corpus_file(tmp_path):
     return path
 
 
-def single_and_two_process_runs(args: list[str], out_dir, batch_size: int) -> None:
+def single_and_two_process_runs(
+    args: list[str], out_dir, batch_size: int, name="ddp", env: dict | None = None
+) -> None:
     """Runs the CLI with `args` twice: in this process on one thread with `batch_size`
     (out_dir/single), and under torchrun as two single-threaded processes with half the batch each
-    (out_dir/ddp). Each run's every step should then be the same."""
+    (out_dir/NAME; `env` added to their environment). Each run's every step should then be the same."""
+    single_process_run([*args, "--batch-size", str(batch_size), "--out", str(out_dir / "single")])
+    ddp = subprocess.run(
+        two_processes([*args, "--batch-size", str(batch_size // 2), "--out", str(out_dir / name)]),
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+        capture_output=True,
+        text=True,
+    )
+    assert ddp.returncode == 0, ddp.stderr
+
+
+def single_process_run(args: list[str]) -> None:
+    """The CLI with `args` in this process, on one thread (as each of two processes runs)."""
     from omnigpt.cli import main
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert main([*args, "--batch-size", str(batch_size), "--out", str(out_dir / "single")]) == 0
+        assert main(args) == 0
     finally:
         torch.set_num_threads(threads)
+
+
+def two_processes(args: list[str]) -> list[str]:
+    """The command line that runs the CLI with `args` under torchrun, two processes."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    ddp = subprocess.run(
-        [*torchrun, "-m", "omnigpt", *args]
-        + ["--batch-size", str(batch_size // 2), "--out", str(out_dir / "ddp")],
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-    )
-    assert ddp.returncode == 0, ddp.stderr
+    return [*torchrun, "-m", "omnigpt", *args]
 
 
 # -- supervised examples: a character tokenizer, string-reversal tasks and a small base model -------

@@ -7,6 +7,11 @@ A checkpoint is a folder that stands on its own:
     tokenizer.json
     image_tokens.json     for a model that writes images: how its image codes map to pixels
     trainer_state.pt      optimizer, schedule position, RNG and data-loader state (resumable ones only)
+    shards/               a sharded run's `latest/`: weights and optimizer state, written by every
+                          process in parallel (torch.distributed.checkpoint), instead of the two above
+
+A sharded checkpoint is loaded as a whole by a single process too (`load_checkpoint`), and a run
+resumes from one on any number of processes: each reads the parts of the shards it now holds.
 
 A LoRA fine-tuning checkpoint holds `adapter.safetensors` (the adapters alone) instead of the
 weights; its config names the base model (`"base"`) and a checksum of the base weights it fits.
@@ -19,8 +24,10 @@ checkpoint loadable.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,10 +50,14 @@ CONFIG = "config.json"
 TRAINER_STATE = "trainer_state.pt"
 
 
+SHARDS = "shards"
+
+
 def _fsync_tree(folder: Path) -> None:
-    for p in folder.iterdir():
-        with open(p, "rb") as f:
-            os.fsync(f.fileno())
+    for p in folder.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
 
 
 def atomic_write_dir(final: Path, write: Callable[[Path], None]) -> None:
@@ -54,12 +65,24 @@ def atomic_write_dir(final: Path, write: Callable[[Path], None]) -> None:
 
     At every instant either `final` or `.final.old` holds a complete checkpoint; `resolve` looks at both.
     """
+    tmp = fresh_tmp_dir(final)
+    write(tmp)
+    swap_in(tmp, final)
+
+
+def fresh_tmp_dir(final: Path) -> Path:
+    """The empty folder a new version of `final` is written to before `swap_in`."""
     final = Path(final)
     tmp = final.with_name(f".{final.name}.tmp")
-    old = final.with_name(f".{final.name}.old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    write(tmp)
+    return tmp
+
+
+def swap_in(tmp: Path, final: Path) -> None:
+    """Makes the fully written `tmp` the new `final` by renames (the previous one survives a kill)."""
+    final = Path(final)
+    old = final.with_name(f".{final.name}.old")
     _fsync_tree(tmp)
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -85,7 +108,13 @@ def resolve(path: str | Path) -> Path:
 
 
 def is_checkpoint(folder: Path) -> bool:
-    return (folder / WEIGHTS).is_file() or (folder / ADAPTER).is_file()
+    return (folder / WEIGHTS).is_file() or (folder / ADAPTER).is_file() or is_sharded(folder)
+
+
+def is_sharded(folder: Path) -> bool:
+    """A sharded run's `latest/`: weights and optimizer state in `shards/`."""
+    folder = Path(folder)
+    return (Path(folder) / SHARDS / ".metadata").is_file() and not (folder / WEIGHTS).is_file()
 
 
 def is_adapter(folder: Path) -> bool:
@@ -98,18 +127,23 @@ def save_checkpoint(
     tokenizer: Tokenizer,
     trainer_state: dict[str, Any] | None = None,
     extra_config: dict[str, Any] | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> None:
+    """Writes the checkpoint folder; `weights` (the model's whole state dict, gathered from the
+    shards of a sharded model) stands in for `model.state_dict()`."""
     lora = has_lora(model)
-    source = adapter_state(model) if lora else model.state_dict()
+    if lora:
+        names = set(adapter_state(model))
+        source = (
+            {k: v for k, v in weights.items() if k in names} if weights else adapter_state(model)
+        )
+    else:
+        source = model.state_dict() if weights is None else weights
     state = {k: v.detach().contiguous().cpu() for k, v in source.items()}
     if _tied(model):
         state.pop(_decoder_prefix(model) + "lm_head.weight", None)
     config = {
-        "model": model.config.to_dict(),
-        **({"quantization": quantization_of(model)} if quantization_of(model) else {}),
-        **({"media": model.media_config()} if isinstance(model, MultimodalGPT) else {}),
-        "tokenizer_fingerprint": tokenizer.fingerprint,
-        **({"image_codec": tokenizer.images.fingerprint} if tokenizer.images else {}),
+        **checkpoint_config(model, tokenizer),
         **(extra_config or {}),
     }
 
@@ -121,6 +155,121 @@ def save_checkpoint(
             torch.save(trainer_state, tmp / TRAINER_STATE)
 
     atomic_write_dir(Path(folder), write)
+
+
+def checkpoint_config(model: GPT, tokenizer: Tokenizer) -> dict[str, Any]:
+    """What config.json says about the model and its tokenizer."""
+    return {
+        "model": model.config.to_dict(),
+        **({"quantization": quantization_of(model)} if quantization_of(model) else {}),
+        **({"media": model.media_config()} if isinstance(model, MultimodalGPT) else {}),
+        "tokenizer_fingerprint": tokenizer.fingerprint,
+        **({"image_codec": tokenizer.images.fingerprint} if tokenizer.images else {}),
+    }
+
+
+# -- sharded checkpoints (every process writes its part) -------------------------------------------
+# Names in the shards are the model's own parameter names (FSDP's wrapping does not show), and the
+# optimizers' states are keyed by those names too, so shards written by N processes load into M.
+
+
+@contextlib.contextmanager
+def _alone_is_meant():
+    """torch.distributed.checkpoint warns when one process saves or loads alone: here it is meant."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _sharding_options(model: GPT):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # frozen weights (a LoRA run's base) are not training state: they come from the base model,
+    # and are not expected back when loading
+    everything = all(p.requires_grad for p in model.parameters())
+    return StateDictOptions(ignore_frozen_params=True, strict=everything)
+
+
+def save_sharded(
+    folder: str | Path,
+    model: GPT,
+    optimizers: list[torch.optim.Optimizer],
+    tokenizer: Tokenizer,
+    trainer_state: dict[str, Any],
+    extra_config: dict[str, Any] | None,
+    is_main: bool,
+) -> None:
+    """Every process calls this together: each writes its shards of the weights and optimizer
+    states into a fresh folder, then the main process adds the rest and swaps it in (as
+    `atomic_write_dir`: a kill at any point leaves the previous checkpoint whole)."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    folder = Path(folder)
+    together = dist.is_initialized()
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    if is_main:
+        tmp = fresh_tmp_dir(folder)
+    if together:
+        dist.barrier()
+    model_state, optim_state = get_state_dict(model, optimizers, options=_sharding_options(model))
+    state = {"model": model_state, "optimizers": optim_state}
+    with _alone_is_meant():
+        dcp.save(state, checkpoint_id=tmp / SHARDS, no_dist=not together)
+    if is_main:
+        save_json(tmp / CONFIG, {**checkpoint_config(model, tokenizer), **(extra_config or {})})
+        tokenizer.save(tmp)
+        torch.save(trainer_state, tmp / TRAINER_STATE)
+        swap_in(tmp, folder)
+    if together:
+        dist.barrier()
+
+
+def load_sharded(
+    folder: str | Path, model: GPT, optimizers: list[torch.optim.Optimizer] | None = None
+) -> None:
+    """Reads a sharded checkpoint into `model` (sharded or whole) and `optimizers`: every process
+    takes the parts it holds, whatever number of processes wrote them."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_state_dict,
+        set_model_state_dict,
+        set_state_dict,
+    )
+
+    options, shards = _sharding_options(model), Path(folder) / SHARDS
+    alone = not torch.distributed.is_initialized()
+    try:
+        if optimizers is None:
+            state = {"model": get_model_state_dict(model, options=options)}
+            with _alone_is_meant():
+                dcp.load(state, checkpoint_id=shards, no_dist=alone)
+            set_model_state_dict(model, state["model"], options=options)
+            return
+        model_state, optim_state = get_state_dict(model, optimizers, options=options)
+        state = {"model": model_state, "optimizers": optim_state}
+        with _alone_is_meant():
+            dcp.load(state, checkpoint_id=shards, no_dist=alone)
+        set_state_dict(
+            model,
+            optimizers,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optimizers"],
+            options=options,
+        )
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise OmnigptError(f"{shards}: does not fit this model and its training ({e})") from None
+
+
+def gather_weights(model: GPT) -> dict[str, torch.Tensor]:
+    """The whole state dict of a sharded model, on the CPU of the main process (an empty dict on
+    the others); every process calls this together."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options)
 
 
 def load_checkpoint(
@@ -160,7 +309,14 @@ def load_checkpoint(
         model = MultimodalGPT.from_media_config(model, config["media"])
     if config.get("quantization"):  # saved after `quantize`: the int8 layers, to load into
         quantize_int8(model, empty=True)
-    load_weights(model, folder / WEIGHTS)
+    if is_sharded(folder):
+        if config.get("base"):
+            raise OmnigptError(
+                f"{folder}: the training state of a LoRA run (adapters only); load the run's best/"
+            )
+        load_sharded(folder, model)
+    else:
+        load_weights(model, folder / WEIGHTS)
     return model.to(device).eval(), tokenizer
 
 

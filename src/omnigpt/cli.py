@@ -626,10 +626,15 @@ def _model_config(args: argparse.Namespace) -> ModelConfig:
 
 
 def _budgets(args: argparse.Namespace) -> dict:
-    """The step and time budgets given on the command line (they override a resumed run's)."""
-    return {
+    """What a resumed run may change from the command line: its step and time budgets, and its
+    batch per process (to keep the global batch on another number of processes)."""
+    given = {
         k: getattr(args, k) for k in ("max_steps", "max_seconds") if getattr(args, k) is not None
     }
+    for k in ("batch_size", "grad_accum"):  # these flags have defaults: only when typed
+        if "--" + k.replace("_", "-") in args.typed:
+            given[k] = getattr(args, k)
+    return given
 
 
 def _report(result, out: Path) -> None:
@@ -946,7 +951,9 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.typed = {a.split("=")[0] for a in argv if a.startswith("--")}  # the flags given
     try:
         COMMANDS[args.command](args)
     except OmnigptError as e:

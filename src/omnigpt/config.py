@@ -309,6 +309,15 @@ class TrainConfig:
     log_interval: int = _option(10, "steps between metrics.jsonl records")
     seed: int = _option(1337, "random seed (data order, initialisation)")
     compile: bool = _option(False, "compile the model with torch.compile")
+    strategy: Literal["ddp", "fsdp"] = _option(
+        "ddp",
+        "under torchrun: ddp (a whole copy of the model and its optimizer state per process) or "
+        "fsdp (parameters, gradients and optimizer state sharded across the processes)",
+    )
+    activation_checkpointing: bool = _option(
+        False,
+        "recompute each block's activations in the backward pass (less memory, ~1/3 more compute)",
+    )
     precision: Literal["auto", "fp32", "bf16"] = _option(
         "auto",
         "auto: bf16 autocast where bf16 is native (CUDA; CPUs with AMX or AVX-512 BF16), fp32 "
@@ -351,6 +360,8 @@ class TrainConfig:
                 _invalid(name, "must be between 0 and 1", getattr(self, name))
         if self.optimizer not in ("adamw", "muon"):
             _invalid("optimizer", "must be adamw or muon", self.optimizer)
+        if self.strategy not in ("ddp", "fsdp"):
+            _invalid("strategy", "must be ddp or fsdp", self.strategy)
         if self.precision not in ("auto", "fp32", "bf16"):
             _invalid("precision", "must be auto, fp32 or bf16", self.precision)
 

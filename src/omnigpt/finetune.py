@@ -25,7 +25,13 @@ from typing import Any
 
 import torch
 
-from omnigpt.checkpoint import open_run_folder, read_adapter, save_checkpoint, start_run_folder
+from omnigpt.checkpoint import (
+    is_sharded,
+    open_run_folder,
+    read_adapter,
+    save_checkpoint,
+    start_run_folder,
+)
 from omnigpt.config import (
     AudioConfig,
     FinetuneConfig,
@@ -362,7 +368,8 @@ def _adapter_base(model: GPT, base: str | Path, resume_from: Path | None) -> dic
             raise OmnigptError(
                 f"{resume_from.parent}: its base {base} has changed since the adapters were trained"
             )
-        load_adapter_state(model, read_adapter(resume_from), str(resume_from))
+        if not is_sharded(resume_from):  # a sharded run's adapters load with its optimizer state
+            load_adapter_state(model, read_adapter(resume_from), str(resume_from))
     return info
 
 

@@ -7,13 +7,12 @@ Every step of `fit` (see `train_step`) draws the micro-batches, runs forward/bac
 loss normalised by the token count of the whole step, across processes), clips, and steps the
 optimizers on a warmup + cosine schedule. Every `eval_interval` steps it evaluates and writes
 `latest/` (and `best/` on improvement). It stops at `max_steps`, at `max_seconds`, on early stopping,
-or on Ctrl-C / SIGTERM (after saving). Under `torchrun` it runs DistributedDataParallel: gloo on CPU,
-NCCL on GPU.
+or on Ctrl-C / SIGTERM (after saving). Under `torchrun` it runs DistributedDataParallel, or FSDP
+with `strategy="fsdp"` (see `parallel.py`): gloo on CPU, NCCL on GPU.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import math
@@ -26,14 +25,17 @@ from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from omnigpt.checkpoint import (
+    gather_weights,
+    is_sharded,
     load_checkpoint,
+    load_sharded,
     load_trainer_state,
     open_run_folder,
     save_checkpoint,
+    save_sharded,
     start_run_folder,
 )
 from omnigpt.config import UNLIMITED_STEPS, ModelConfig, TrainConfig, load_json, save_json
@@ -42,6 +44,13 @@ from omnigpt.errors import OmnigptError
 from omnigpt.hardware import autocast, pick_device, resolve_precision
 from omnigpt.model import GPT
 from omnigpt.muon import Muon
+from omnigpt.parallel import (
+    clip_gradients,
+    gradient_sync,
+    is_fsdp,
+    memory_report,
+    parallelize,
+)
 from omnigpt.tokenizer import IGNORE_INDEX, Tokenizer
 
 
@@ -178,6 +187,8 @@ def evaluate_loss(
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, token count
+    if is_fsdp(model) and dist_info is not None and dist_info.world_size > 1:
+        batches = _as_many_batches(list(batches), device)
     for batch in batches:
         x, y, extras = _unpack(batch, device)
         with autocast(device, precision):
@@ -193,6 +204,15 @@ def evaluate_loss(
         dist.all_reduce(total)
     model.train(was_training)
     return (total[0] / total[1].clamp(min=1)).item()
+
+
+def _as_many_batches(batches: list[tuple], device: torch.device) -> list[tuple]:
+    """`batches` made as long as every other process's list with batches that have no targets: a
+    sharded model's every forward pass needs all processes."""
+    count = torch.tensor([len(batches)], device=device)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    empty = (torch.zeros(1, 1, dtype=torch.long), torch.full((1, 1), IGNORE_INDEX))
+    return batches + [empty] * (int(count.item()) - len(batches))
 
 
 def _unpack(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
@@ -233,7 +253,7 @@ def train_step(
     """Forward and backward over the micro-batches, then clip and step the optimizers.
 
     Each micro-batch's loss is weighted by its share of the target tokens of the whole step (all
-    micro-batches, all processes), so accumulation and DDP give the gradient of one big batch."""
+    micro-batches, all processes), so accumulation, DDP and FSDP give the gradient of one big batch."""
     device = dist_info.device
     targets = torch.tensor(float(sum((b[1] != IGNORE_INDEX).sum() for b in micro)), device=device)
     if dist_info.world_size > 1:
@@ -241,20 +261,16 @@ def train_step(
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for i, batch in enumerate(micro):
         x, y, extras = _unpack(batch, device)
-        sync = i == len(micro) - 1 or dist_info.world_size == 1
-        with (
-            contextlib.nullcontext() if sync else train_model.no_sync(),
-            autocast(device, precision),
-        ):
+        with gradient_sync(train_model, i == len(micro) - 1), autocast(device, precision):
             _, loss = train_model(x, y, **extras)
             n = (y != IGNORE_INDEX).sum()
-            # DDP averages gradients over processes, hence × world_size
+            # DDP and FSDP average gradients over processes, hence × world_size
             scaled = loss * n * dist_info.world_size / targets
         scaled.backward()
         loss_sum += loss.detach().double() * n
     grad_norm = None
     if cfg.grad_clip > 0:
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        grad_norm = clip_gradients(model, cfg.grad_clip)
     for opt in optimizers:
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -340,7 +356,11 @@ class RunResult:
 
 class RunCheckpoints:
     """A run's `best/` (weights) and `latest/` (weights and everything needed to resume: optimizer
-    states, the data loader's position, the RNG and the run's progress); the main process writes."""
+    states, the data loader's position, the RNG and the run's progress).
+
+    With one model copy per process the main process writes both. A sharded run (FSDP) writes
+    `latest/` from every process at once (`checkpoint.save_sharded`), and gathers the weights onto
+    the main process for `best/`, a single model.safetensors like any other."""
 
     def __init__(
         self,
@@ -351,35 +371,89 @@ class RunCheckpoints:
         batches: Batches,
         progress: Progress,
         extra_config: dict[str, Any] | None,
-        is_main: bool,
+        dist_info: Dist,
+        sharded: bool,
     ):
         self.run_dir, self.model, self.tokenizer = run_dir, model, tokenizer
         self.optimizers, self.batches, self.progress = optimizers, batches, progress
-        self.extra_config, self.is_main = extra_config, is_main
+        self.extra_config, self.dist_info, self.sharded = extra_config, dist_info, sharded
 
     def resume(self) -> None:
-        """Everything as `latest/` left it."""
-        state = load_trainer_state(self.run_dir / "latest")
-        for opt, opt_state in zip(self.optimizers, state["optimizers"], strict=True):
-            opt.load_state_dict(opt_state)
+        """Everything as `latest/` left it, whatever the number of processes that wrote it."""
+        latest = self.run_dir / "latest"
+        state = load_trainer_state(latest)
+        if is_sharded(latest):
+            load_sharded(latest, self.model, self.optimizers)
+        else:
+            if self.sharded:
+                raise OmnigptError(
+                    f"{latest}: written with one model copy per process (strategy ddp), not "
+                    "sharded; it resumes with strategy ddp"
+                )
+            for opt, opt_state in zip(self.optimizers, state["optimizers"], strict=True):
+                opt.load_state_dict(opt_state)
         self.batches.load_state_dict(state["loader"])
-        torch.set_rng_state(state["torch_rng"])
+        rngs = state.get("torch_rngs", [])  # one per process, when the process count is the same
+        mine = len(rngs) == self.dist_info.world_size
+        torch.set_rng_state(rngs[self.dist_info.rank] if mine else state["torch_rng"])
         self.progress.load_state_dict(state)
 
-    def save(self, folder: str, loader_state: dict | None = None, rng: torch.Tensor | None = None):
-        """Writes `folder` ("best" or "latest"); `loader_state` and `rng` rewind an interrupted step."""
-        if not self.is_main:
+    def save(self, folder: str) -> None:
+        """Writes `folder` ("best" or "latest"); every process calls this together."""
+        info, model, tokenizer = self.dist_info, self.model, self.tokenizer
+        if folder == "best":
+            weights = gather_weights(model) if self.sharded else None
+            if info.is_main:
+                save_checkpoint(
+                    self.run_dir / folder, model, tokenizer, None, self.extra_config, weights
+                )
             return
-        trainer_state = None
-        if folder == "latest":
-            trainer_state = {
-                "optimizers": [opt.state_dict() for opt in self.optimizers],
-                "loader": self.batches.state_dict() if loader_state is None else loader_state,
-                "torch_rng": torch.get_rng_state() if rng is None else rng,
-                **self.progress.state_dict(),
-            }
-        model, tokenizer = self.model, self.tokenizer
-        save_checkpoint(self.run_dir / folder, model, tokenizer, trainer_state, self.extra_config)
+        rngs = [torch.get_rng_state()]
+        if info.world_size > 1:
+            rngs = [torch.empty_like(rngs[0], device=info.device) for _ in range(info.world_size)]
+            dist.all_gather(rngs, torch.get_rng_state().to(info.device))
+            rngs = [r.cpu() for r in rngs]
+        state = {"loader": self.batches.state_dict(), "torch_rng": rngs[0], "torch_rngs": rngs}
+        state |= self.progress.state_dict()
+        if self.sharded:
+            save_sharded(
+                self.run_dir / folder,
+                model,
+                self.optimizers,
+                tokenizer,
+                state,
+                self.extra_config,
+                info.is_main,
+            )
+        elif info.is_main:
+            state["optimizers"] = [opt.state_dict() for opt in self.optimizers]
+            save_checkpoint(self.run_dir / folder, model, tokenizer, state, self.extra_config)
+
+    def save_interrupted(self, loader_state: dict, rng: torch.Tensor) -> bool:
+        """After Ctrl-C / SIGTERM: `latest/` as of the last completed step (`loader_state` and `rng`
+        rewind the interrupted one), written by the main process alone, since the others may be
+        anywhere in a step. A sharded run cannot save without every process: it keeps its last
+        `latest/` (False)."""
+        if self.sharded and self.dist_info.world_size > 1:
+            return False
+        if self.dist_info.is_main:
+            state = {"loader": loader_state, "torch_rng": rng, **self.progress.state_dict()}
+            if self.sharded:
+                save_sharded(
+                    self.run_dir / "latest",
+                    self.model,
+                    self.optimizers,
+                    self.tokenizer,
+                    state,
+                    self.extra_config,
+                    True,
+                )
+            else:
+                state["optimizers"] = [opt.state_dict() for opt in self.optimizers]
+                save_checkpoint(
+                    self.run_dir / "latest", self.model, self.tokenizer, state, self.extra_config
+                )
+        return True
 
 
 class RunLog:
@@ -488,22 +562,30 @@ def fit(
     token array: `functools.partial(data.sequential_windows, tokens, block_size, batch_size)`).
     """
     run_dir, device = Path(run_dir), dist_info.device
-    model.to(device)
     precision = resolve_run_precision(cfg.precision, dist_info)
+    # on the device; FSDP shards `model` in place
+    train_model = parallelize(model, cfg, dist_info, precision)
     optimizers = build_optimizers(model, cfg, device)
     state = Progress()
+    sharded = cfg.strategy == "fsdp"
     checkpoints = RunCheckpoints(
-        run_dir, model, tokenizer, optimizers, train_batches, state, extra_config, dist_info.is_main
+        run_dir,
+        model,
+        tokenizer,
+        optimizers,
+        train_batches,
+        state,
+        extra_config,
+        dist_info,
+        sharded,
     )
     if resume:
         checkpoints.resume()
-    train_model = torch.compile(model) if cfg.compile else model
-    if dist_info.world_size > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        train_model = DistributedDataParallel(train_model, device_ids=ids)
 
     log = RunLog(run_dir, cfg, state, dist_info.is_main, progress)
     log.announce(precision, device)
+    if dist_info.is_main:
+        print(memory_report(model, optimizers, cfg.strategy, dist_info.world_size))
     model.train()
     stopped_by = "max_steps"
     loader_state, rng = train_batches.state_dict(), torch.get_rng_state()
@@ -535,7 +617,8 @@ def fit(
     except KeyboardInterrupt:
         # the state as of the last completed step: loader and RNG rewound to this step's start
         log.close()
-        checkpoints.save("latest", loader_state, rng)
+        if not checkpoints.save_interrupted(loader_state, rng) and dist_info.is_main:
+            print(f"a sharded run resumes from its last checkpoint ({run_dir / 'latest'})")
         raise
     log.bar.close()
     seconds = state.seconds()  # training time, the final evaluation excluded
