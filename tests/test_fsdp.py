@@ -2,6 +2,7 @@
 global batch: the same losses, sharded checkpoints that resume exactly after a SIGKILL, on two
 processes or on one, and a best/ that every other command loads."""
 
+import json
 import os
 import shutil
 import signal
@@ -47,6 +48,11 @@ def train_args(data_dir, steps: int, every: int) -> list[str]:
     return args + ["--device", "cpu", "--precision", "fp32", "--strategy", "fsdp"]
 
 
+def grad_norms(run_dir) -> list[float]:
+    records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    return [r["grad_norm"] for r in records if "grad_norm" in r]
+
+
 def assert_same_losses(a: dict[int, float], b: dict[int, float]) -> None:
     assert a.keys() == b.keys() and len(a) >= 2
     for step in a:
@@ -66,6 +72,9 @@ def test_fsdp_matches_single_process_and_its_best_loads_everywhere(
     env = {"ATEN_CPU_CAPABILITY": "avx2"} if optimizer == "muon" else None
     single_and_two_process_runs(args, tmp_path, batch_size=4, name="fsdp", env=env)
     assert_same_losses(losses(tmp_path / "single"), losses(tmp_path / "fsdp"))
+    # clipping (at 1.0) saw the norm of the whole gradient, not of a process's shards
+    norms = [grad_norms(tmp_path / run) for run in ("single", "fsdp")]
+    assert norms[1] == pytest.approx(norms[0], abs=1e-3) and max(norms[0]) > 1.0
     # latest/ is sharded (every process wrote its part); it loads whole in one process
     assert is_sharded(tmp_path / "fsdp/latest") and is_sharded(tmp_path / "single/latest")
     assert len(list((tmp_path / "fsdp/latest/shards").glob("*.distcp"))) == 2

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from omnigpt.checkpoint import load_checkpoint, save_checkpoint
-from omnigpt.config import ModelConfig, TrainConfig
+from omnigpt.checkpoint import load_checkpoint, open_run_folder, save_checkpoint
+from omnigpt.config import ModelConfig, TrainConfig, save_json
 from omnigpt.data import RandomWindows, prepare, sequential_windows
 from omnigpt.errors import OmnigptError
 from omnigpt.model import GPT
@@ -184,6 +184,11 @@ def test_kill_during_save_keeps_last_good_checkpoint(tmp_path, char_tokenizer, m
     # A crash between the two renames of the swap: only .latest.old is left, and it is found.
     os.replace(tmp_path / "latest", tmp_path / ".latest.old")
     loaded, _ = load_checkpoint(tmp_path)
+    torch.testing.assert_close(loaded.wte.weight, good["wte.weight"])
+    # ... and --resume puts it back as latest/
+    save_json(tmp_path / "config.json", {"train": {}})
+    assert open_run_folder(tmp_path, resume=True) == {"train": {}}
+    loaded, _ = load_checkpoint(tmp_path / "latest")
     torch.testing.assert_close(loaded.wte.weight, good["wte.weight"])
 
 

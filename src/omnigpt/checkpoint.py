@@ -377,7 +377,10 @@ def open_run_folder(run_dir: Path, resume: bool) -> dict[str, Any] | None:
     """A resumed run's saved config.json (refused when there is no latest/ to resume from); None
     for a new run (refused when the folder already holds one, so no run is ever overwritten)."""
     if resume:
-        if not (run_dir / "latest").is_dir():
+        latest, old = run_dir / "latest", run_dir / ".latest.old"
+        if not latest.exists() and is_checkpoint(old):  # killed between the two renames of a save
+            os.replace(old, latest)
+        if not latest.is_dir():
             raise OmnigptError(f"{run_dir}: nothing to resume (no latest/ checkpoint)")
         return load_json(run_dir / CONFIG)
     if (run_dir / "latest").exists() or (run_dir / "best").exists():
