@@ -31,12 +31,10 @@ def parallelize(model: torch.nn.Module, cfg: TrainConfig, dist_info, precision: 
     """The module to train, on `dist_info.device`: `model` itself (one process; FSDP, which shards
     it in place, each process moving only its shards to the device), compiled when asked, or
     wrapped in DDP."""
-    if cfg.activation_checkpointing:
-        checkpoint_activations(model)
-    if cfg.strategy == "fsdp":
-        if cfg.compile:  # block by block, as the sharding hooks sit between blocks
-            for block in _blocks(model):
-                block.compile()
+    fsdp = cfg.strategy == "fsdp"
+    # FSDP compiles block by block: its hooks, which gather and free each block, run between them
+    _wrap_blocks(model, compiled=cfg.compile and fsdp, checkpointed=cfg.activation_checkpointing)
+    if fsdp:
         if dist_info.world_size > 1:
             shard(model, dist_info.device, dist_info.world_size, precision)
         else:
@@ -74,10 +72,21 @@ def _blocks(model: torch.nn.Module) -> list[Block]:
 def checkpoint_activations(model: torch.nn.Module) -> None:
     """Every Transformer block keeps only its input for the backward pass and recomputes the rest.
     The blocks stay where they are (the state dict's names do not change)."""
+    _wrap_blocks(model, compiled=False, checkpointed=True)
+
+
+def _wrap_blocks(model: torch.nn.Module, compiled: bool, checkpointed: bool) -> None:
+    """Each block's forward compiled, and/or run under activation checkpointing (which recomputes
+    the compiled forward in the backward pass)."""
+    if not (compiled or checkpointed):
+        return
     for block in _blocks(model):
-        block.forward = functools.partial(
-            checkpoint, type(block).forward.__get__(block), use_reentrant=False
-        )
+        forward = type(block).forward.__get__(block)
+        if compiled:
+            forward = torch.compile(forward)
+        if checkpointed:
+            forward = functools.partial(checkpoint, forward, use_reentrant=False)
+        block.forward = forward
 
 
 def is_fsdp(train_model: torch.nn.Module) -> bool:

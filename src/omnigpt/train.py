@@ -515,7 +515,9 @@ class RunLog:
     def announce(self, precision: str, device: torch.device) -> None:
         if not self.bar.disable:
             auto = self.cfg.precision == "auto"
-            print(f"precision: {precision}" + (f" (auto on this {device.type})" if auto else ""))
+            self.bar.write(
+                f"precision: {precision}" + (f" (auto on this {device.type})" if auto else "")
+            )
 
     def close(self, result: RunResult | None = None) -> None:
         """Closes the log; at the end of a run also writes summary.json and the loss curve."""
@@ -582,10 +584,10 @@ def fit(
     if resume:
         checkpoints.resume()
 
-    log = RunLog(run_dir, cfg, state, dist_info.is_main, progress)
-    log.announce(precision, device)
     if dist_info.is_main:
         print(memory_report(model, optimizers, cfg.strategy, dist_info.world_size))
+    log = RunLog(run_dir, cfg, state, dist_info.is_main, progress)
+    log.announce(precision, device)
     model.train()
     stopped_by = "max_steps"
     loader_state, rng = train_batches.state_dict(), torch.get_rng_state()
