@@ -5,7 +5,7 @@
 
 Runs itself under torchrun once per strategy. Each process builds the model, wraps it with
 `parallel.parallelize` as `fit` does, and trains `--steps` timed steps (after one untimed) with
-`train.train_step` on random tokens, AdamW, fp32. Reported per process: what `memory_report` counts
+`train.train_step` on random tokens, AdamW (or `--optimizer muon`), fp32. Reported per process: what `memory_report` counts
 (parameters, gradients, optimizer state: the part FSDP shards), and what the operating system saw,
 after the C allocator returned its free memory (`malloc_trim`): the resident memory once the model
 is built and wrapped, and between steps (weights, optimizer state, DDP's gradient buckets; the
@@ -58,6 +58,7 @@ def worker(args) -> None:
         strategy=args.strategy,
         precision="fp32",
         activation_checkpointing=args.activation_checkpointing,
+        optimizer=args.optimizer,
     )
     train_model = parallelize(model, train_cfg, info, "fp32")
     optimizers = build_optimizers(model, train_cfg, info.device)
@@ -117,6 +118,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--batch", type=int, default=4, help="global batch (sequences per step)")
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw")
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--strategy", choices=["ddp", "fsdp"], help="(set when run as a worker)")
     parser.add_argument("--activation-checkpointing", action="store_true")
@@ -142,6 +144,8 @@ def main() -> None:
             str(args.batch),
             "--steps",
             str(args.steps),
+            "--optimizer",
+            args.optimizer,
         ]
         cmd += ["--activation-checkpointing"] if checkpointing else []
         threads = max(1, (os.cpu_count() or 2) // args.processes)
@@ -161,6 +165,7 @@ def main() -> None:
         "context": args.context,
         "global_batch": args.batch,
         "processes": args.processes,
+        "optimizer": args.optimizer,
         "runs": results,
     }
     print(json.dumps(summary))
