@@ -20,6 +20,7 @@ from omnigpt.data import prepare
 from omnigpt.load import load_model
 from omnigpt.lora import adapter_state
 from omnigpt.model import GPT
+from omnigpt.model.fusion import MultimodalGPT
 from omnigpt.parallel import checkpoint_activations, memory_report
 from omnigpt.train import build_optimizers
 from tests.conftest import (
@@ -238,3 +239,24 @@ def test_fsdp_compiled_with_activation_checkpointing_matches_single_process(tmp_
     assert a.keys() == b.keys() and len(a) == 6
     for step in a:  # compiled kernels may sum in another order
         assert b[step] == pytest.approx(a[step], abs=1e-4), step
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_multimodal_training_on_two_processes_whose_batches_hold_different_media(
+    tmp_path, strategy, monkeypatch
+):
+    # a process's batch may hold images and no audio while the other's holds audio: every process
+    # must still use every encoder, or DDP's averaging and FSDP's gathering wait on each other.
+    # The encoders a batch leaves out then get zero gradients, which AdamW steps (by momentum)
+    # where one process alone would skip them: the reference process does the same
+    monkeypatch.setattr(MultimodalGPT, "every_part_each_pass", True)
+    assert main(["make-data", "shapes", "keypad", "--out", str(tmp_path / "data"), "-n", "16"]
+                + ["--seed", "0", "--max-shapes", "1", "--max-digits", "2"]) == 0  # fmt: skip
+    args = ["train", "--data", str(tmp_path / "data/all.jsonl"), "--preset", "nano"]
+    args += ["--vision", "tiny", "--audio", "tiny,sample_rate=8000,n_fft=200,hop_length=80,"
+             "n_mels=40,max_seconds=1", "--max-steps", "4", "--eval-interval", "2"]  # fmt: skip
+    args += ["--log-interval", "1", "--no-progress", "--device", "cpu", "--precision", "fp32"]
+    single_and_two_process_runs(
+        [*args, "--strategy", strategy], tmp_path, batch_size=2, name=strategy
+    )
+    assert_same_losses(losses(tmp_path / "single"), losses(tmp_path / strategy))

@@ -393,7 +393,8 @@ def train_on_examples(
     `finetune()`, in the same kind of run folder as `pretrain`. With `resume`, the run in `out_dir`
     continues."""
     out_dir = Path(out_dir)
-    if not resume:
+    dist_info = setup_distributed(train_cfg.device)
+    if not resume and dist_info.is_main:  # under torchrun the others wait for it, then load it
         open_run_folder(out_dir, resume=False)
         if (out_dir / "init").exists():
             raise OmnigptError(
@@ -404,6 +405,8 @@ def train_on_examples(
             data, init, model_cfg, tokenizer_spec, vision, audio, train_cfg.seed, images
         )
         print(f"new model in {init} ({tokenizer.vocab_size} tokens: {tokenizer_spec})")
+    if dist_info.world_size > 1:
+        torch.distributed.barrier()
     ft_cfg = FinetuneConfig(method="full", pack=pack, drop_condition=drop_condition)
     return finetune(
         out_dir / "init",

@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from omnigpt.config import TrainConfig
 from omnigpt.model.attention import Block
+from omnigpt.model.fusion import MultimodalGPT
 
 
 def parallelize(model: torch.nn.Module, cfg: TrainConfig, dist_info, precision: str):
@@ -32,6 +33,10 @@ def parallelize(model: torch.nn.Module, cfg: TrainConfig, dist_info, precision: 
     it in place, each process moving only its shards to the device), compiled when asked, or
     wrapped in DDP."""
     fsdp = cfg.strategy == "fsdp"
+    if dist_info.world_size > 1:
+        for part in model.modules():
+            if isinstance(part, MultimodalGPT):  # every process uses every weight in every pass
+                part.every_part_each_pass = True
     # FSDP compiles block by block: its hooks, which gather and free each block, run between them
     _wrap_blocks(model, compiled=cfg.compile and fsdp, checkpointed=cfg.activation_checkpointing)
     if fsdp:

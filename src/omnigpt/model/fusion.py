@@ -81,6 +81,10 @@ class MultimodalGPT(nn.Module):
     prompt's media were read) costs what the plain GPT costs.
     """
 
+    # set when processes train together (DDP, FSDP): each of them must use every weight in every
+    # training pass, whatever media its own batch holds (see `_idle_parts`)
+    every_part_each_pass = False
+
     def __init__(
         self,
         gpt: GPT,
@@ -237,6 +241,8 @@ class MultimodalGPT(nn.Module):
         transcripts (`ctc_targets`, `ctc_lengths`) and AudioConfig.ctc > 0, the loss adds that
         weight times the encoder's CTC loss."""
         x, features = self._embed(tokens, images, mel, frames)
+        if self.training and self.every_part_each_pass:
+            x = x + self._idle_parts(x, images is None, features, ctc_targets is None)
         if self.gpt.config.image_rows and decoder_kwargs.get("image_index") is None:
             decoder_kwargs["image_index"] = image_code_index(tokens, self.gpt.config)
         logits, loss = self.gpt(embeddings=x, targets=targets, **decoder_kwargs)
@@ -250,6 +256,24 @@ class MultimodalGPT(nn.Module):
             ctc = self.ctc_loss(features, _lengths(mel, frames), ctc_targets, ctc_lengths)
             loss = loss + self.audio.config.ctc * ctc
         return logits, loss
+
+    def _idle_parts(self, x, no_images: bool, features, no_ctc: bool) -> torch.Tensor:
+        """Zero, computed from every encoder, projector and head this batch leaves out, run on a
+        blank input: their gradients are then zero instead of missing, as processes that average
+        (DDP) or reduce-scatter (FSDP) gradients together need. (An optimizer then steps them too,
+        where one process alone would skip them for a step without their media.)"""
+        zero, ctc_used = x.new_zeros(()), features is not None and not no_ctc
+        if no_images and self.vision is not None:
+            size = self.vision.config.image_size
+            zero = zero + self.image_tokens(x.new_zeros(1, 3, size, size)).sum()
+        if features is None and self.audio is not None:
+            n = 2 * self.audio.config.stack  # a clip of one decoder token
+            frames = torch.tensor([n], device=x.device)
+            features = self._audio_features(x.new_zeros(1, self.audio.config.n_mels, n), frames)
+            zero = zero + self._audio_tokens(features, frames).sum()
+        if self.audio_ctc is not None and not ctc_used:
+            zero = zero + self.audio_ctc(features).sum()
+        return 0.0 * zero
 
 
 def _lengths(mel: torch.Tensor, frames: torch.Tensor | None) -> torch.Tensor:
