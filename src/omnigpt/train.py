@@ -414,20 +414,7 @@ class RunCheckpoints:
             dist.all_gather(rngs, torch.get_rng_state().to(info.device))
             rngs = [r.cpu() for r in rngs]
         state = {"loader": self.batches.state_dict(), "torch_rng": rngs[0], "torch_rngs": rngs}
-        state |= self.progress.state_dict()
-        if self.sharded:
-            save_sharded(
-                self.run_dir / folder,
-                model,
-                self.optimizers,
-                tokenizer,
-                state,
-                self.extra_config,
-                info.is_main,
-            )
-        elif info.is_main:
-            state["optimizers"] = [opt.state_dict() for opt in self.optimizers]
-            save_checkpoint(self.run_dir / folder, model, tokenizer, state, self.extra_config)
+        self._write_latest(state | self.progress.state_dict(), info.is_main)
 
     def save_interrupted(self, loader_state: dict, rng: torch.Tensor) -> bool:
         """After Ctrl-C / SIGTERM: `latest/` as of the last completed step (`loader_state` and `rng`
@@ -438,22 +425,20 @@ class RunCheckpoints:
             return False
         if self.dist_info.is_main:
             state = {"loader": loader_state, "torch_rng": rng, **self.progress.state_dict()}
-            if self.sharded:
-                save_sharded(
-                    self.run_dir / "latest",
-                    self.model,
-                    self.optimizers,
-                    self.tokenizer,
-                    state,
-                    self.extra_config,
-                    True,
-                )
-            else:
-                state["optimizers"] = [opt.state_dict() for opt in self.optimizers]
-                save_checkpoint(
-                    self.run_dir / "latest", self.model, self.tokenizer, state, self.extra_config
-                )
+            self._write_latest(state, is_main=True)
         return True
+
+    def _write_latest(self, state: dict[str, Any], is_main: bool) -> None:
+        """`latest/` with `state` (loader, RNG, progress) and the optimizers' states: sharded, by
+        every process; or whole, by the main process."""
+        folder, model, tokenizer = self.run_dir / "latest", self.model, self.tokenizer
+        if self.sharded:
+            save_sharded(
+                folder, model, self.optimizers, tokenizer, state, self.extra_config, is_main
+            )
+        elif is_main:
+            state["optimizers"] = [opt.state_dict() for opt in self.optimizers]
+            save_checkpoint(folder, model, tokenizer, state, self.extra_config)
 
 
 class RunLog:
