@@ -60,7 +60,7 @@ def assert_same_losses(a: dict[int, float], b: dict[int, float]) -> None:
         assert b[step] == pytest.approx(a[step], abs=1e-5), step
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+@pytest.mark.parametrize("optimizer", ["adamw", pytest.param("muon", marks=pytest.mark.slow)])
 def test_fsdp_matches_single_process_and_its_best_loads_everywhere(
     tmp_path, data_dir, capsys, monkeypatch, optimizer
 ):
@@ -241,7 +241,7 @@ def test_fsdp_compiled_with_activation_checkpointing_matches_single_process(tmp_
         assert b[step] == pytest.approx(a[step], abs=1e-4), step
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("strategy", [pytest.param("ddp", marks=pytest.mark.slow), "fsdp"])
 def test_multimodal_training_on_two_processes_whose_batches_hold_different_media(
     tmp_path, strategy, monkeypatch
 ):
