@@ -222,13 +222,14 @@ def test_memory_report_counts_parameters_gradients_and_optimizer_state():
     )
 
 
-def test_resuming_a_ddp_run_as_fsdp_is_refused(tmp_path, data_dir):
+def test_resuming_a_ddp_run_as_fsdp_is_refused(tmp_path, data_dir, capsys):
     args = train_args(data_dir, 2, 1)
     args[args.index("fsdp")] = "ddp"
     single_process_run([*args, "--out", str(tmp_path / "run")])
     config = tmp_path / "run/config.json"
     config.write_text(config.read_text().replace('"strategy": "ddp"', '"strategy": "fsdp"'))
     assert main(["train", "--resume", "--out", str(tmp_path / "run"), "--max-steps", "3"]) == 2
+    assert "not sharded; it resumes with strategy ddp" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -114,7 +114,7 @@ def is_checkpoint(folder: Path) -> bool:
 def is_sharded(folder: Path) -> bool:
     """A sharded run's `latest/`: weights and optimizer state in `shards/`."""
     folder = Path(folder)
-    return (Path(folder) / SHARDS / ".metadata").is_file() and not (folder / WEIGHTS).is_file()
+    return (folder / SHARDS / ".metadata").is_file() and not (folder / WEIGHTS).is_file()
 
 
 def is_adapter(folder: Path) -> bool:

@@ -638,6 +638,8 @@ def _budgets(args: argparse.Namespace) -> dict:
 
 
 def _report(result, out: Path) -> None:
+    """After a run that finished on every process: leaves the process group (under torchrun), then
+    the main process prints the result and where the run's files are."""
     from omnigpt.train import end_distributed
 
     end_distributed()

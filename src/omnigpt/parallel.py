@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from omnigpt.config import TrainConfig
 from omnigpt.model.attention import Block
 from omnigpt.model.fusion import MultimodalGPT
+from omnigpt.muon import Muon
 
 
 def parallelize(model: torch.nn.Module, cfg: TrainConfig, dist_info, precision: str):
@@ -135,9 +136,13 @@ def clip_gradients(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
 # -- memory ---------------------------------------------------------------------------------------
 
 
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """This process's part of `p` (all of it, unless FSDP sharded it)."""
+    return p.to_local() if hasattr(p, "to_local") else p
+
+
 def _local_bytes(p: torch.Tensor) -> int:
-    local = p.to_local() if hasattr(p, "to_local") else p
-    return local.numel() * local.element_size()
+    return _local(p).numel() * p.element_size()
 
 
 def memory_per_process(
@@ -152,11 +157,9 @@ def memory_per_process(
             params.append(p)
     state = 0
     for opt in optimizers:
-        per_value = 1 if type(opt).__name__ == "Muon" else 2
+        fp32_per_value = 1 if isinstance(opt, Muon) else 2
         for group in opt.param_groups:
-            state += sum(
-                per_value * 4 * _local_bytes(p) // p.element_size() for p in group["params"]
-            )
+            state += sum(fp32_per_value * 4 * _local(p).numel() for p in group["params"])
     return {
         "parameters": sum(_local_bytes(p) for p in params),
         "gradients": sum(_local_bytes(p) for p in params if p.requires_grad),
